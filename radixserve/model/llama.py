@@ -1,0 +1,106 @@
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with QKV bias, Qwen3 with q/k norm) over a paged KV pool."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radixserve.config import ModelConfig
+from radixserve.model.attention import AttentionMetadata, paged_attention
+from radixserve.model.layers import RMSNorm, RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # q/k/v and gate/up are fused: one matmul each instead of three and two.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.split), bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        h = self.input_layernorm(x)
+        q, k, v = self.qkv_proj(h).split(self.split, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        attn = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
+        x = x + self.o_proj(attn.view(t, -1))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, logit_index: torch.Tensor) -> torch.Tensor:
+        """input_ids/positions: [T]; k_cache/v_cache: [layers, slots, KVH, D]. Returns float32 logits of
+        the tokens at logit_index only (each sequence's last token), [len(logit_index), vocab]."""
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, self.rotary, (k_cache[i], v_cache[i]), meta)
+        x = self.norm(x[logit_index])
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named weights in, fusing q/k/v and gate/up; every parameter must be covered."""
+        params = dict(self.named_parameters())
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        loaded: set[str] = set()
+        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if self.lm_head is None and name == "lm_head.weight":
+                continue  # tied: the embedding doubles as the output projection
+            parts = name.split(".")
+            # layers.{i}.self_attn.q_proj.weight → layers.{i}.qkv_proj.weight (piece 0)
+            if len(parts) == 5 and parts[3] in fused:
+                target, piece = fused[parts[3]]
+                key = f"layers.{parts[1]}.{target}.{parts[4]}"
+                group = pending.setdefault(key, {})
+                group[piece] = tensor
+                if len(group) == (3 if target == "qkv_proj" else 2):
+                    name, tensor = key, torch.cat([group[j] for j in range(len(group))])
+                    del pending[key]
+                else:
+                    continue
+            elif len(parts) == 5 and parts[2] in ("self_attn", "mlp"):
+                name = f"layers.{parts[1]}.{parts[3]}.{parts[4]}"
+            if name not in params:
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"weight {name}: shape {tuple(tensor.shape)} != expected {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing or pending:
+            raise ValueError(f"checkpoint is missing weights: {missing[:5] or sorted(pending)[:5]}")

@@ -1,0 +1,81 @@
+"""Model files → config, weights and tokenizer: an HF folder (config.json + *.safetensors) or a GGUF file."""
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+from typing import Iterator
+
+import torch
+
+from radixserve.config import ModelConfig
+from radixserve.model import gguf as gguf_file
+
+
+def is_gguf(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(".gguf")
+
+
+def _check_exists(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist (models are loaded from local files only)")
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str):
+    """Parsing a GGUF's metadata takes seconds (the vocabulary is stored as fields): do it once per file."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def read_hf_config(path: str) -> dict:
+    """The model's config as a dict in HF's names (config.json, or GGUF metadata translated)."""
+    _check_exists(path)
+    if is_gguf(path):
+        return gguf_file.read_config(_gguf_reader(path))
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def _generation_eos(path: str) -> list[int] | None:
+    """generation_config.json often lists more stop ids (e.g. <|im_end|> and <|endoftext|>) than config.json."""
+    gen = os.path.join(path, "generation_config.json")
+    if is_gguf(path) or not os.path.exists(gen):
+        return None
+    with open(gen) as f:
+        eos = json.load(f).get("eos_token_id")
+    return None if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def load_model_config(path: str) -> ModelConfig:
+    return ModelConfig.from_hf(read_hf_config(path), _generation_eos(path))
+
+
+def iter_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor in dtype, on the CPU) for every weight of the checkpoint, shard by shard."""
+    if is_gguf(path):
+        reader = _gguf_reader(path)
+        yield from gguf_file.iter_weights(reader, gguf_file.read_config(reader), dtype)
+        return
+    from safetensors import safe_open
+
+    shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not shards:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    for shard in shards:
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name).to(dtype)
+
+
+def load_tokenizer(path: str, tokenizer_path: str | None = None):
+    """A transformers fast tokenizer with the model's chat template (GGUF metadata or the folder's files)."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer_path or path
+    _check_exists(source)
+    if is_gguf(source):
+        return AutoTokenizer.from_pretrained(os.path.dirname(source), gguf_file=os.path.basename(source))
+    return AutoTokenizer.from_pretrained(source)

@@ -1,0 +1,116 @@
+"""ModelRunner: owns the device, the weights and the KV pool; turns a step's inputs into logits."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from radixserve.cache.kv_pool import KVPool
+from radixserve.config import ModelConfig, ServerArgs
+from radixserve.model.attention import AttentionMetadata
+from radixserve.model.layers import RotaryEmbedding
+from radixserve.model.llama import LlamaForCausalLM
+from radixserve.model.loader import iter_weights, load_model_config
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is available")
+    return torch.device(name)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto = bfloat16 where the hardware computes it natively (2.5x faster linears than float32 on an
+    AVX512-BF16 CPU), else float32 (CPU) / float16 (older GPUs)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+@dataclass
+class ModelInput:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logit_index: torch.Tensor  # [B] step positions whose next-token logits are needed
+
+
+class ModelRunner:
+    def __init__(self, args: ServerArgs):
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.config: ModelConfig = load_model_config(args.model_path)
+        cfg = self.config
+        self.context_length = args.context_length or cfg.max_position_embeddings
+        if self.context_length > cfg.max_position_embeddings:
+            raise ValueError(f"--context-length {self.context_length} exceeds the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        free_before = _available_memory(self.device)
+        start = time.perf_counter()
+        self.model = self._load(args.model_path)
+        logger.info("loaded %s (%s, %s) in %.1fs", os.path.basename(args.model_path), self.dtype,
+                    self.device, time.perf_counter() - start)
+        num_slots = args.max_total_tokens or self._default_pool_size(args, free_before)
+        self.kv = KVPool(num_slots + 1, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                         args.max_running_requests, self.context_length, self.dtype, self.device)
+        logger.info("KV pool: %d tokens", num_slots)
+
+    def _load(self, path: str) -> LlamaForCausalLM:
+        cfg = self.config
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        # Buffers computed at construction were lost on the meta device: rebuild them on the real one.
+        model.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                       cfg.rope_scaling).to(self.device)
+        model.load_weights((name, w.to(self.device)) for name, w in iter_weights(path, self.dtype))
+        return model.eval().requires_grad_(False)
+
+    def _default_pool_size(self, args: ServerArgs, free_before: int) -> int:
+        """KV tokens that fit in mem_fraction_static of the memory free at start, less the weights."""
+        cfg = self.config
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        budget = int(free_before * args.mem_fraction_static) - weights
+        tokens = budget // per_token
+        if tokens < self.context_length:
+            raise MemoryError(f"only {max(tokens, 0)} KV tokens fit in --mem-fraction-static "
+                              f"{args.mem_fraction_static}; need at least the context length {self.context_length}")
+        return int(tokens)
+
+    @torch.inference_mode()
+    def forward(self, inp: ModelInput) -> torch.Tensor:
+        """Float32 logits [len(inp.logit_index), vocab]."""
+        return self.model(inp.input_ids, inp.positions, self.kv.k, self.kv.v, inp.meta, inp.logit_index)

@@ -1,0 +1,122 @@
+"""Per-request sampling parameters with validation."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+# Temperatures below this are treated as greedy: dividing logits by a tiny
+# temperature overflows float32 and would turn the softmax into NaNs.
+GREEDY_TEMPERATURE = 1e-5
+MAX_TOP_LOGPROBS = 20
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        # OpenAI-style clients send a single stop string; normalise so the
+        # rest of the engine only ever sees a list.
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
+        # Alternatives are meaningless without the chosen token's logprob.
+        if _is_int(self.top_logprobs) and self.top_logprobs > 0:
+            self.logprobs = True
+
+    def validate(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        def real_in(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if not _is_real(v):
+                raise bad(name, "a number")
+            ok_lo = v > lo if lo_open else v >= lo
+            # Written as a positive test so NaN fails it.
+            if not (ok_lo and v <= hi):
+                rule = f"in {'(' if lo_open else '['}{lo}, {hi}]"
+                raise bad(name, rule)
+
+        if not _is_int(self.max_new_tokens):
+            raise bad("max_new_tokens", "an int")
+        if self.max_new_tokens < 0:
+            raise bad("max_new_tokens", ">= 0")
+        if not _is_real(self.temperature):
+            raise bad("temperature", "a number")
+        if not self.temperature >= 0:
+            raise bad("temperature", ">= 0")
+        if not math.isfinite(self.temperature):
+            raise bad("temperature", "finite")
+        real_in("top_p", 0.0, 1.0, lo_open=True)
+        if not _is_int(self.top_k):
+            raise bad("top_k", "an int")
+        if self.top_k != -1 and self.top_k < 1:
+            raise bad("top_k", "-1 (disabled) or >= 1")
+        real_in("min_p", 0.0, 1.0)
+        real_in("frequency_penalty", -2.0, 2.0)
+        real_in("presence_penalty", -2.0, 2.0)
+        real_in("repetition_penalty", 0.0, 2.0, lo_open=True)
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", "an int or None")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, list) or not all(
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise bad("stop_token_ids", "a list of non-negative ints")
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a bool")
+        if not _is_int(self.top_logprobs):
+            raise bad("top_logprobs", "an int")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"in [0, {MAX_TOP_LOGPROBS}]")
+        if self.top_logprobs > 0 and not self.logprobs:
+            raise bad("logprobs", "True when top_logprobs > 0")
+        if not _is_int(self.n):
+            raise bad("n", "an int")
+        if self.n < 1:
+            raise bad("n", ">= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SamplingParams":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if k not in known)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(map(str, unknown))}")
+        params = cls(**d)
+        params.validate()
+        return params
+
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
