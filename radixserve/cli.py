@@ -1,0 +1,69 @@
+"""`radixserve <command>`: the flags of every command are generated from ServerArgs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+
+from radixserve.config import ServerArgs
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(ServerArgs)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return args[0]
+    return hint
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(ServerArgs):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        kind = _field_type(f)
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text)
+
+
+def server_args_from(ns: argparse.Namespace) -> ServerArgs:
+    names = {f.name for f in dataclasses.fields(ServerArgs)}
+    return ServerArgs(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def _generate(ns: argparse.Namespace) -> None:
+    from radixserve.entrypoints.engine import Engine
+
+    params = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature}
+    args = server_args_from(ns)
+    with Engine(**dataclasses.asdict(args)) as engine:
+        out = engine.generate(ns.prompt, params)
+    print(json.dumps(out, indent=2) if ns.json else out["text"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="radixserve", description="A fast LLM serving engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate a completion for one prompt offline",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--json", action="store_true", help="print the whole result with its meta_info")
+    add_server_args(gen)
+    gen.set_defaults(func=_generate)
+
+    ns = parser.parse_args(argv)
+    try:
+        ns.func(ns)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

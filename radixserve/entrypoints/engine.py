@@ -1,0 +1,161 @@
+"""The offline Python API: the same TokenizerManager and engine process as the server, without HTTP."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, AsyncIterator
+
+from radixserve.config import ServerArgs
+from radixserve.managers.tokenizer_manager import GenerationChunk, TokenizerManager
+from radixserve.sampling.params import SamplingParams
+
+Prompt = str | list[int]
+
+
+def _to_params(p: SamplingParams | dict | None) -> SamplingParams:
+    if isinstance(p, SamplingParams):
+        p.validate()
+        return p
+    return SamplingParams.from_dict(p)
+
+
+class _Result:
+    """Accumulates one sequence's chunks into SGLang's output dict."""
+
+    def __init__(self) -> None:
+        self.text, self.ids, self.logprobs, self.last = "", [], [], None
+
+    def add(self, c: GenerationChunk) -> None:
+        self.text += c.text
+        self.ids += c.token_ids
+        self.logprobs += c.logprobs
+        self.last = c
+
+    def to_dict(self, rid: str) -> dict:
+        c = self.last
+        finish: dict[str, Any] = {"type": c.finish_reason}
+        if c.matched_stop is not None:
+            finish["matched"] = c.matched_stop
+        meta = {"id": rid, "finish_reason": finish, "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens, "cached_tokens": c.cached_tokens}
+        if self.logprobs:
+            meta["output_token_logprobs"] = [(lp, tok) for tok, lp, _ in self.logprobs]
+            meta["output_top_logprobs"] = [[(lp, t) for t, lp in top] for _, _, top in self.logprobs]
+        return {"text": self.text, "output_ids": self.ids, "meta_info": meta}
+
+
+class Engine:
+    """`Engine(model_path=..., **server_args)`; generate(), async_generate(), shutdown().
+
+    The tokenizer manager lives on a private event loop in a background thread, so the synchronous
+    API works anywhere and the async API works from any event loop.
+    """
+
+    def __init__(self, **kwargs: Any):
+        self.args = ServerArgs.from_kwargs(**kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="radixserve-engine-loop", daemon=True)
+        self._thread.start()
+        self.tokenizer_manager: TokenizerManager = self._call(self._create())
+        self.tokenizer = self.tokenizer_manager.tokenizer
+
+    async def _create(self) -> TokenizerManager:
+        return TokenizerManager(self.args)
+
+    async def _close(self) -> None:
+        await self.tokenizer_manager.stop_receiving()
+        self.tokenizer_manager.shutdown()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    # ---- generation
+    def _requests(self, prompt, input_ids, sampling_params) -> tuple[list[list[int]], list[SamplingParams], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt and input_ids")
+        tm = self.tokenizer_manager
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            ids = [tm.tokenize(p) for p in ([prompt] if single else prompt)]
+        else:
+            single = bool(input_ids) and isinstance(input_ids[0], int)
+            ids = [list(input_ids)] if single else [list(x) for x in input_ids]
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(ids):
+                raise ValueError(f"{len(sampling_params)} sampling_params for {len(ids)} prompts")
+            params = [_to_params(p) for p in sampling_params]
+        else:
+            params = [_to_params(sampling_params)] * len(ids)
+        return ids, params, single
+
+    async def _run_one(self, ids: list[int], params: SamplingParams, rid: str | None = None) -> list[dict]:
+        results = [_Result() for _ in range(params.n)]
+        rid = rid or None
+        async for chunk in self.tokenizer_manager.generate(ids, params, rid=rid):
+            results[chunk.index].add(chunk)
+        return [r.to_dict(f"{rid or 'req'}-{i}" if params.n > 1 else (rid or "req")) for i, r in enumerate(results)]
+
+    async def _run_all(self, ids, params) -> list[list[dict]]:
+        return await asyncio.gather(*(self._run_one(i, p) for i, p in zip(ids, params)))
+
+    def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | SamplingParams | list | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None) -> dict | list[dict]:
+        """One prompt → a dict (a list of n dicts when n > 1); a list of prompts → a flat list,
+        prompt-major. Each dict: text, output_ids, meta_info (finish_reason, prompt/completion/cached
+        tokens, logprobs when asked)."""
+        ids, params, single = self._requests(prompt, input_ids, sampling_params)
+        per_prompt = self._call(self._run_all(ids, params))
+        if single and params[0].n == 1:
+            return per_prompt[0][0]
+        return [d for group in per_prompt for d in group]
+
+    async def async_generate(self, prompt: str | None = None, sampling_params: dict | SamplingParams | None = None,
+                             input_ids: list[int] | None = None, stream: bool = False):
+        """Await the result dict, or with stream=True get an async iterator of increments
+        ({"index", "text", "output_ids", "finish_reason", "meta_info"} with the new text/tokens only)."""
+        ids, params, single = self._requests(prompt, input_ids, sampling_params)
+        if not single:
+            raise ValueError("async_generate takes one prompt")
+        if stream:
+            return self._stream(ids[0], params[0])
+        fut = asyncio.run_coroutine_threadsafe(self._run_one(ids[0], params[0]), self._loop)
+        out = await asyncio.wrap_future(fut)
+        return out[0] if params[0].n == 1 else out
+
+    async def _stream(self, ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
+        agen = self.tokenizer_manager.generate(ids, params)
+        try:
+            while True:
+                fut = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
+                try:
+                    c = await asyncio.wrap_future(fut)
+                except StopAsyncIteration:
+                    return
+                yield {"index": c.index, "text": c.text, "output_ids": c.token_ids, "finish_reason": c.finish_reason,
+                       "meta_info": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                                     "cached_tokens": c.cached_tokens, "matched_stop": c.matched_stop}}
+        finally:  # the consumer stopped early: abort in the engine
+            asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop).result()
+
+    def flush_cache(self) -> bool:
+        return self._call(self.tokenizer_manager.flush_cache()).flushed
+
+    def get_stats(self) -> dict:
+        import msgspec
+
+        return msgspec.structs.asdict(self._call(self.tokenizer_manager.stats()))
+
+    # ---- lifecycle
+    def shutdown(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._call(self._close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,224 @@
+"""The API process's side of the engine: starts the engine process, tokenizes, sends requests over
+ZMQ, and turns the engine's per-step token batches into detokenized per-request streams."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing as mp
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from radixserve.config import ServerArgs
+from radixserve.engine.scheduler import run_engine_process
+from radixserve.managers.detokenizer import IncrementalDetokenizer
+from radixserve.managers.messages import (AbortReq, BatchOutput, EngineOutput, FlushCacheReq, GenerateReq,
+                                          Stats, StatsReq, TokenOutput)
+from radixserve.model.loader import load_tokenizer
+from radixserve.sampling.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class GenerationChunk:
+    """An increment of one sequence (choice `index` of its request)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    matched_stop: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class _SeqState:
+    index: int
+    queue: asyncio.Queue
+    detok: IncrementalDetokenizer
+    completion_tokens: int = 0
+    finished: bool = False
+
+
+class TokenizerManager:
+    def __init__(self, args: ServerArgs):
+        self.args = args
+        self.tokenizer = load_tokenizer(args.model_path, args.tokenizer_path)
+        self._ipc_dir = tempfile.mkdtemp(prefix="radixserve-")
+        in_addr, out_addr = f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out"
+        ctx = mp.get_context("spawn")
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=run_engine_process, args=(args, in_addr, out_addr, child_end),
+                                daemon=True, name="radixserve-engine")
+        self.proc.start()
+        child_end.close()
+        try:
+            info = parent_end.recv()
+        except EOFError:
+            info = {"error": f"the engine process exited with code {self.proc.join(5) or self.proc.exitcode}"}
+        if "error" in info:
+            self.shutdown()
+            raise RuntimeError(f"engine failed to start: {info['error']}")
+        self.info: dict = info
+        self.context_length: int = info["context_length"]
+        self._zmq = zmq.Context()
+        self._send = self._zmq.socket(zmq.PUSH)
+        self._send.connect(in_addr)
+        self._azmq = zmq.asyncio.Context()
+        self._recv = self._azmq.socket(zmq.PULL)
+        self._recv.connect(out_addr)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(EngineOutput)
+        self._seqs: dict[str, _SeqState] = {}
+        self._stats_waiters: list[asyncio.Future] = []
+        self._recv_task: asyncio.Task | None = None
+        self.dead = False
+
+    # ---- requests
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def generate(self, input_ids: list[int], params: SamplingParams, rid: str | None = None,
+                       namespace: str | None = None) -> AsyncIterator[GenerationChunk]:
+        """Stream the params.n sequences of one prompt as chunks tagged with their index. Leaving the
+        iterator early (client gone, stop, error) aborts what is still running in the engine."""
+        self._ensure_receiving()
+        if self.dead:
+            raise EngineDeadError("the engine process is not running")
+        rid = rid or uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        sub_rids = [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)]
+        for i, sub in enumerate(sub_rids):
+            seed = None if params.seed is None else params.seed + i
+            sub_params = dataclasses.replace(params, n=1, seed=seed)
+            self._seqs[sub] = _SeqState(i, queue, IncrementalDetokenizer(
+                self.tokenizer, input_ids, skip_special_tokens=params.skip_special_tokens,
+                spaces_between_special_tokens=params.spaces_between_special_tokens, stop=params.stop))
+            self._send_msg(GenerateReq(sub, input_ids, sub_params, group=rid if params.n > 1 else None,
+                                       namespace=namespace))
+        remaining = len(sub_rids)
+        try:
+            while remaining:
+                chunk = await queue.get()
+                if isinstance(chunk, Exception):
+                    raise chunk
+                if chunk.finish_reason is not None:
+                    remaining -= 1
+                yield chunk
+        finally:
+            for sub in sub_rids:
+                state = self._seqs.pop(sub, None)
+                if state is not None and not state.finished and not self.dead:
+                    self._send_msg(AbortReq(sub))
+
+    def abort(self, rid: str) -> None:
+        self._send_msg(AbortReq(rid))
+
+    async def flush_cache(self) -> Stats:
+        return await self._ask(FlushCacheReq())
+
+    async def stats(self) -> Stats:
+        return await self._ask(StatsReq())
+
+    async def _ask(self, msg) -> Stats:
+        self._ensure_receiving()
+        fut = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(fut)
+        self._send_msg(msg)
+        return await fut
+
+    def _send_msg(self, msg) -> None:
+        self._send.send(self._encoder.encode(msg))
+
+    # ---- engine outputs
+    def _ensure_receiving(self) -> None:
+        if self._recv_task is None or self._recv_task.done():
+            self._recv_task = asyncio.get_running_loop().create_task(self._receive_loop())
+
+    async def _receive_loop(self) -> None:
+        while True:
+            if not await self._recv.poll(1000):
+                if not self.proc.is_alive():
+                    self._engine_died()
+                    return
+                continue
+            msg = self._decoder.decode(await self._recv.recv())
+            if isinstance(msg, Stats):
+                self._stats_waiters.pop(0).set_result(msg)
+                continue
+            assert isinstance(msg, BatchOutput)
+            for out in msg.outputs:
+                state = self._seqs.get(out.rid)
+                if state is not None and not state.finished:
+                    self._apply(out.rid, state, out)
+
+    def _apply(self, rid: str, state: _SeqState, out: TokenOutput) -> None:
+        if out.finish_reason == "error":
+            state.finished = True
+            state.queue.put_nowait(ValueError(out.error))
+            return
+        chunk = GenerationChunk(state.index, prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens)
+        tok = out.token_id
+        if tok is not None:
+            state.completion_tokens += 1
+            chunk.token_ids.append(tok)
+            if out.logprob is not None:
+                chunk.logprobs.append((tok, out.logprob, out.top_logprobs or []))
+            # A stop token ends the text without appearing in it.
+            if not (out.finish_reason == "stop" and out.matched_stop == tok):
+                chunk.text = state.detok.add([tok])
+        if state.detok.finished:  # a stop string: the engine may still be generating
+            chunk.finish_reason, chunk.matched_stop = "stop", state.detok.matched_stop
+            state.completion_tokens = state.detok.num_tokens
+            if out.finish_reason is None:
+                self._send_msg(AbortReq(rid))
+        elif out.finish_reason is not None:
+            chunk.text += state.detok.flush()
+            chunk.finish_reason, chunk.matched_stop = out.finish_reason, out.matched_stop
+        chunk.completion_tokens = state.completion_tokens
+        state.finished = chunk.finish_reason is not None
+        state.queue.put_nowait(chunk)
+
+    def _engine_died(self) -> None:
+        self.dead = True
+        logger.error("the engine process died (exit code %s)", self.proc.exitcode)
+        err = EngineDeadError("the engine process died")
+        for state in self._seqs.values():
+            if not state.finished:
+                state.finished = True
+                state.queue.put_nowait(err)
+        for fut in self._stats_waiters:
+            fut.set_exception(err)
+        self._stats_waiters.clear()
+
+    async def stop_receiving(self) -> None:
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+            await asyncio.gather(self._recv_task, return_exceptions=True)
+
+    def shutdown(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()
+        for name in ("_send", "_recv"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(0)
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)

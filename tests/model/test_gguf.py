@@ -1,0 +1,250 @@
+"""GGUF checkpoints: the real default model against transformers' own GGUF loader, and tiny random Llama
+files written here in each supported weight format against transformers on the dequantised weights.
+
+Tolerances (float32 logits; both sides run on identical dequantised float32 weights, so the only
+differences are float32 op order):
+- tiny GGUF models: max |ours - transformers| <= 1e-4 * max |transformers logit| (measured ~1e-6);
+- the real 30-layer SmolLM2-135M: max abs diff <= 1e-3 * logit scale (measured well below), and the
+  greedy token agrees at every position.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
+
+from radixserve.config import ServerArgs
+from radixserve.model.attention import AttentionMetadata, AttnGroup
+from radixserve.model.loader import load_model_config
+from radixserve.model.runner import ModelInput, ModelRunner
+
+TINY_RTOL = 1e-4  # of the logit scale
+REAL_RTOL = 1e-3  # of the logit scale
+
+
+def make_runner(path: str, tokens: int = 64) -> ModelRunner:
+    return ModelRunner(ServerArgs(model_path=path, dtype="float32", device="cpu",
+                                  max_total_tokens=tokens, max_running_requests=2))
+
+
+@torch.no_grad()
+def prefill_logits(runner: ModelRunner, ids: torch.Tensor) -> torch.Tensor:
+    """All-position logits of ids run as one prefill on row 0, into slots in descending order."""
+    n = len(ids)
+    slots = torch.arange(n, 0, -1, dtype=torch.int64)
+    runner.kv.req_to_token[0, :n] = slots
+    group = AttnGroup.build(torch.tensor([0]), torch.tensor([n]), torch.tensor([0]),
+                            runner.kv.req_to_token, torch.tensor([0]))
+    meta = AttentionMetadata(out_cache_loc=slots, groups=[group])
+    return runner.forward(ModelInput(ids, torch.arange(n), meta, torch.arange(n)))
+
+
+def assert_close_logits(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    scale = ref.abs().max().item()
+    assert scale > 1.0  # logits of a meaningful size (guards the relative tolerance)
+    err = (ours - ref).abs().max().item()
+    assert err <= rtol * scale, f"max abs diff {err:.3g} > {rtol:g} * logit scale {scale:.3g}"
+
+
+# --- the real default model -------------------------------------------------------------------------
+
+PROMPT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin "
+          "is the capital of Germany. The")
+
+
+@pytest.fixture(scope="module")
+def real_runner(default_model):
+    return make_runner(default_model)
+
+
+@pytest.fixture(scope="module")
+def real_hf(default_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(default_model),
+                                                gguf_file=os.path.basename(default_model),
+                                                dtype=torch.float32).eval()
+
+
+def test_default_model_config(real_runner, real_hf):
+    cfg, hf = real_runner.config, real_hf.config
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads,
+        hf.hidden_size // hf.num_attention_heads)
+    assert (cfg.intermediate_size, cfg.vocab_size) == (hf.intermediate_size, hf.vocab_size)
+    assert cfg.tie_word_embeddings  # SmolLM2 ships without output.weight
+    assert cfg.eos_token_ids
+
+
+def test_default_model_logits_match_transformers(real_runner, real_hf, tokenizer):
+    ids = torch.tensor(tokenizer(PROMPT)["input_ids"], dtype=torch.int64)
+    assert 25 <= len(ids) <= 40
+    ours = prefill_logits(real_runner, ids)
+    with torch.no_grad():
+        ref = real_hf(ids[None]).logits[0].float()
+    assert_close_logits(ours, ref, REAL_RTOL)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    # A trained model, not noise: it predicts " capital" after "Berlin is the".
+    capital = tokenizer(" capital", add_special_tokens=False)["input_ids"]
+    assert len(capital) == 1
+    at = len(tokenizer(PROMPT.split(" capital of Germany")[0])["input_ids"]) - 1
+    assert ours[at].argmax().item() == capital[0]
+
+
+# --- tiny GGUF files written here --------------------------------------------------------------------
+
+Q = GGMLQuantizationType
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB, CTX = 64, 128, 4, 2, 2, 256, 128
+HEAD_DIM = HIDDEN // HEADS
+EPS, THETA = 1e-5, 10000.0
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """How llama.cpp's converter stores Llama q/k rows (interleaved rotary pairs)."""
+    rows, cols = w.shape
+    return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def write_tiny_gguf(path: str, qtype: Q, tied: bool, seed: int = 0, with_rope_freqs: bool = False,
+                    odd: tuple[str, Q] | None = None) -> dict[str, np.ndarray]:
+    """A random 2-layer Llama as GGUF with every matrix stored as qtype (norms in F32, as llama.cpp
+    does). Returns the HF-named float32 state dict transformers should see: each matrix is what
+    quantising then dequantising it gives (row-wise blocks, so it commutes with the q/k row permutation,
+    which is applied to the GGUF copy only). odd=(name, type): that tensor is stored as zero bytes
+    of another type instead."""
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(path, "llama")
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(CTX)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(INTER)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(EPS)
+    writer.add_rope_freq_base(THETA)
+    writer.add_vocab_size(VOCAB)
+    writer.add_eos_token_id(2)
+    writer.add_bos_token_id(1)
+    hf: dict[str, np.ndarray] = {}
+
+    def matrix(gguf_name: str, hf_name: str, rows: int, cols: int, permute_heads: int = 0) -> None:
+        w = rng.normal(0, 0.2, (rows, cols)).astype(np.float32)
+        hf[hf_name] = dequantize(quantize(w, qtype), qtype).astype(np.float32).reshape(rows, cols)
+        stored = llama_cpp_permute(w, permute_heads) if permute_heads else w
+        if odd is not None and odd[0] == gguf_name:
+            block, nbytes = GGML_QUANT_SIZES[odd[1]]
+            writer.add_tensor(gguf_name, np.zeros((rows, cols // block * nbytes), np.uint8), raw_dtype=odd[1])
+            return
+        writer.add_tensor(gguf_name, quantize(stored, qtype), raw_dtype=qtype)
+
+    def norm(gguf_name: str, hf_name: str) -> None:
+        w = (1.0 + rng.normal(0, 0.1, HIDDEN)).astype(np.float32)
+        hf[hf_name] = w
+        writer.add_tensor(gguf_name, w)
+
+    matrix("token_embd.weight", "model.embed_tokens.weight", VOCAB, HIDDEN)
+    for i in range(LAYERS):
+        b, h = f"blk.{i}.", f"model.layers.{i}."
+        norm(b + "attn_norm.weight", h + "input_layernorm.weight")
+        matrix(b + "attn_q.weight", h + "self_attn.q_proj.weight", HEADS * HEAD_DIM, HIDDEN, HEADS)
+        matrix(b + "attn_k.weight", h + "self_attn.k_proj.weight", KV_HEADS * HEAD_DIM, HIDDEN, KV_HEADS)
+        matrix(b + "attn_v.weight", h + "self_attn.v_proj.weight", KV_HEADS * HEAD_DIM, HIDDEN)
+        matrix(b + "attn_output.weight", h + "self_attn.o_proj.weight", HIDDEN, HEADS * HEAD_DIM)
+        norm(b + "ffn_norm.weight", h + "post_attention_layernorm.weight")
+        matrix(b + "ffn_gate.weight", h + "mlp.gate_proj.weight", INTER, HIDDEN)
+        matrix(b + "ffn_up.weight", h + "mlp.up_proj.weight", INTER, HIDDEN)
+        matrix(b + "ffn_down.weight", h + "mlp.down_proj.weight", HIDDEN, INTER)
+    norm("output_norm.weight", "model.norm.weight")
+    if not tied:
+        matrix("output.weight", "lm_head.weight", VOCAB, HIDDEN)
+    if with_rope_freqs:  # llama3-style rope factors tensor: must be tolerated (and not change anything)
+        writer.add_tensor("rope_freqs.weight", np.ones(HEAD_DIM // 2, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return hf
+
+
+def hf_llama(state: dict[str, np.ndarray], tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=EPS,
+                      rope_theta=THETA, max_position_embeddings=CTX, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, w in state.items():
+            params[name].copy_(torch.from_numpy(w))
+    expected = set(params) - ({"lm_head.weight"} if tied else set())
+    assert expected == set(state), sorted(expected ^ set(state))
+    if tied:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model
+
+
+QTYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_tiny_gguf_logits_match_transformers(tmp_path, qtype, tied):
+    path = str(tmp_path / f"tiny-{qtype.name}.gguf")
+    state = write_tiny_gguf(path, qtype, tied, seed=int(qtype), with_rope_freqs=qtype == Q.Q8_0)
+    if qtype not in (Q.F32,):  # the format really is lossy here, so the oracle is the dequantised weights
+        raw = write_tiny_gguf(str(tmp_path / "f32.gguf"), Q.F32, tied, seed=int(qtype))
+        assert not np.array_equal(raw["model.layers.0.self_attn.q_proj.weight"],
+                                  state["model.layers.0.self_attn.q_proj.weight"])
+    runner = make_runner(path)
+    assert runner.config.tie_word_embeddings == tied
+    ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(5))
+    ours = prefill_logits(runner, ids)
+    with torch.no_grad():
+        ref = hf_llama(state, tied)(ids[None]).logits[0]
+    assert_close_logits(ours, ref, TINY_RTOL)
+
+
+def test_tiny_gguf_config(tmp_path):
+    path = str(tmp_path / "tiny.gguf")
+    write_tiny_gguf(path, Q.Q8_0, tied=True)
+    cfg = load_model_config(path)
+    assert cfg.architecture == "LlamaForCausalLM"
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM)
+    assert (cfg.intermediate_size, cfg.vocab_size, cfg.max_position_embeddings) == (INTER, VOCAB, CTX)
+    assert cfg.rms_norm_eps == pytest.approx(EPS)
+    assert cfg.rope_theta == pytest.approx(THETA)
+    assert cfg.tie_word_embeddings is True
+    assert cfg.attention_bias is False and cfg.qk_norm is False
+    assert cfg.eos_token_ids == [2]
+    untied = str(tmp_path / "untied.gguf")
+    write_tiny_gguf(untied, Q.F16, tied=False)
+    assert load_model_config(untied).tie_word_embeddings is False
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    path = str(tmp_path / "gpt2.gguf")
+    writer = GGUFWriter(path, "gpt2")
+    writer.add_block_count(1)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_tensor("token_embd.weight", np.zeros((VOCAB, HIDDEN), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'"):
+        load_model_config(path)
+
+
+def test_unsupported_gguf_tensor_type(tmp_path):
+    """A tensor type the loader does not dequantise (IQ4_NL, 32-wide blocks) is refused by name."""
+    path = str(tmp_path / "odd.gguf")
+    write_tiny_gguf(path, Q.F32, tied=True, odd=("blk.1.ffn_up.weight", Q.IQ4_NL))
+    with pytest.raises(ValueError, match="unsupported type IQ4_NL"):
+        make_runner(path)
