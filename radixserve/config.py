@@ -33,11 +33,18 @@ class ServerArgs:
 
     model_path: str | None = _flag(None, "HF folder (config.json + *.safetensors) or a .gguf file; default: SmolLM2-135M-Instruct Q4_1")
     tokenizer_path: str | None = _flag(None, "tokenizer folder or file if not the model's own")
+    served_model_name: str | None = _flag(None, "the model id clients use; default: the model path")
+    chat_template: str | None = _flag(None, "a Jinja chat template (file path or inline) instead of the model's")
+    host: str = _flag("127.0.0.1", "address to listen on")
+    port: int = _flag(30000, "port to listen on")
+    api_key: str | None = _flag(None, "require `Authorization: Bearer <key>` on every route but /health and /metrics")
     dtype: str = _flag("auto", "weights and activations; auto = bfloat16 where the CPU/GPU supports it, else float32",
                        ("auto", "float32", "bfloat16", "float16"))
     device: str = _flag("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
     context_length: int | None = _flag(None, "maximum prompt + output tokens per request; default: the model's")
     max_running_requests: int = _flag(128, "requests decoded together in one batch at most")
+    max_queued_requests: int | None = _flag(
+        None, "requests waiting beyond --max-running-requests at most; more get 503 at once (default: unlimited)")
     max_total_tokens: int | None = _flag(None, "KV pool size in tokens; default: derived from --mem-fraction-static")
     mem_fraction_static: float = _flag(
         0.3, "fraction of memory for weights + KV pool: on CUDA of the GPU's free memory, on CPU of the "
@@ -45,6 +52,11 @@ class ServerArgs:
     chunked_prefill_size: int = _flag(256, "prompt tokens computed per scheduler step at most (the rest in later steps)")
     disable_radix_cache: bool = _flag(False, "do not reuse KV of shared prompt prefixes across requests")
     random_seed: int | None = _flag(None, "seed for requests that do not set one (reproducible runs)")
+    default_max_tokens: int = _flag(16, "max_tokens of requests that do not set it; -1 = until the context is full")
+    enable_cache_report: bool = _flag(False, "report usage.prompt_tokens_details.cached_tokens to requests that ask "
+                                             "(return_cached_tokens_details)")
+    enable_metrics: bool = _flag(False, "serve Prometheus metrics at /metrics")
+    log_requests: bool = _flag(False, "log every request's parameters and outcome")
     num_threads: int | None = _flag(None, "CPU threads for the engine; default: all cores")
     log_level: str = _flag("info", "logging level", ("debug", "info", "warning", "error"))
 
@@ -55,6 +67,10 @@ class ServerArgs:
             raise ValueError(f"chunked_prefill_size must be >= 1, got {self.chunked_prefill_size}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
 
@@ -96,8 +112,10 @@ class ModelConfig:
             raise ValueError(f"unsupported model type {model_type!r} (supported: llama, mistral, qwen2, qwen3)")
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id") if eos_token_ids is None else eos_token_ids
-        rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        rope_scaling = cfg.get("rope_scaling")
+        # transformers >= 5 writes theta and scaling together under rope_parameters.
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_theta = cfg.get("rope_theta") or rope_params.get("rope_theta", 10000.0)
+        rope_scaling = cfg.get("rope_scaling") or {k: v for k, v in rope_params.items() if k != "rope_theta"}
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in ("default", None):
             rope_scaling = None
         return cls(

@@ -4,8 +4,8 @@ files written here in each supported weight format against transformers on the d
 Tolerances (float32 logits; both sides run on identical dequantised float32 weights, so the only
 differences are float32 op order):
 - tiny GGUF models: max |ours - transformers| <= 1e-4 * max |transformers logit| (measured ~1e-6);
-- the real 30-layer SmolLM2-135M: max abs diff <= 1e-3 * logit scale (measured well below), and the
-  greedy token agrees at every position.
+- the real 30-layer SmolLM2-135M: the same 1e-4 * logit scale (measured ~2e-6 of a scale of ~31),
+  and the greedy token agrees at every position.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from radixserve.model.loader import load_model_config
 from radixserve.model.runner import ModelInput, ModelRunner
 
 TINY_RTOL = 1e-4  # of the logit scale
-REAL_RTOL = 1e-3  # of the logit scale
+REAL_RTOL = 1e-4  # of the logit scale
 
 
 def make_runner(path: str, tokens: int = 64) -> ModelRunner:
@@ -54,7 +54,7 @@ def assert_close_logits(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> N
 # --- the real default model -------------------------------------------------------------------------
 
 PROMPT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin "
-          "is the capital of Germany. The")
+          "is the capital of Germany. The sun rises in the east and sets in the")
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +89,13 @@ def test_default_model_logits_match_transformers(real_runner, real_hf, tokenizer
         ref = real_hf(ids[None]).logits[0].float()
     assert_close_logits(ours, ref, REAL_RTOL)
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
-    # A trained model, not noise: it predicts " capital" after "Berlin is the".
-    capital = tokenizer(" capital", add_special_tokens=False)["input_ids"]
-    assert len(capital) == 1
-    at = len(tokenizer(PROMPT.split(" capital of Germany")[0])["input_ids"]) - 1
-    assert ours[at].argmax().item() == capital[0]
+    # A trained model, not noise (both sides use gguf-py's dequantisation, so check the result is sane):
+    # the prompt's own next tokens cost < 4 nats each on average (uniform over the vocab: ln 49152 = 10.8;
+    # measured ~2.5), and "Paris is the" is continued with " capital".
+    nll = -torch.log_softmax(ours[:-1], -1).gather(1, ids[1:, None]).mean().item()
+    assert nll < 4.0, nll
+    at = len(tokenizer(PROMPT.split(" capital of France")[0])["input_ids"]) - 1
+    assert tokenizer.decode(int(ours[at].argmax())) == " capital"
 
 
 # --- tiny GGUF files written here --------------------------------------------------------------------
