@@ -45,9 +45,29 @@ def _generate(ns: argparse.Namespace) -> None:
     print(json.dumps(out, indent=2) if ns.json else out["text"])
 
 
+def _serve(ns: argparse.Namespace) -> None:
+    import logging
+
+    import uvicorn
+
+    from radixserve.server.app import create_app
+
+    args = server_args_from(ns)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # uvicorn stops accepting on SIGTERM/SIGINT, lets in-flight requests finish, then the app's
+    # lifespan stops the engine process.
+    uvicorn.run(create_app(args), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=30, access_log=args.log_requests)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="radixserve", description="A fast LLM serving engine.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_server_args(serve)
+    serve.set_defaults(func=_serve)
 
     gen = commands.add_parser("generate", help="generate a completion for one prompt offline",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)

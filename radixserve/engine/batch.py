@@ -1,7 +1,7 @@
 """A scheduled step → model inputs: token ids, positions, KV slot mapping, attention groups, logit rows."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,8 +15,11 @@ class ScheduledBatch:
     """entries: (request, tokens computed this step); single-token entries (decodes) come first."""
 
     entries: list[tuple[Request, int]]
-    model_input: ModelInput
-    sampled: list[Request]  # requests that get a next token, in logit-row order
+    model_input: ModelInput | None
+    sampled: list[Request]  # requests that get a next token
+    sample_rows: torch.Tensor | None = None  # their logit rows, when not simply all rows in order
+    # (request, first logit row, rows, first prompt position scored) for prompt-logprob requests
+    prompt_scores: list[tuple[Request, int, int, int]] = field(default_factory=list)
 
 
 def build_batch(entries: list[tuple[Request, int]], slots: torch.Tensor, req_to_token: torch.Tensor,
@@ -44,12 +47,37 @@ def build_batch(entries: list[tuple[Request, int]], slots: torch.Tensor, req_to_
 
     completes = [req.num_computed + n == req.seq_len for req, n in entries]
     sampled = [req for (req, _), done in zip(entries, completes) if done]
-    done_mask = torch.tensor(completes, device=device)
-    logit_index = (offsets + lens - 1)[done_mask]
-    model_input = ModelInput(
+    batch = ScheduledBatch(entries, None, sampled)
+    if any(req.want_prompt_logprobs and req.num_computed < len(req.prompt_ids) for req, _ in entries):
+        logit_index = _with_prompt_scores(batch, completes, offsets.tolist())
+    else:
+        logit_index = (offsets + lens - 1)[torch.tensor(completes, device=device)]
+    batch.model_input = ModelInput(
         input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
         positions=positions,
         meta=AttentionMetadata(out_cache_loc=slots, groups=groups),
-        logit_index=logit_index,
+        logit_index=logit_index.to(device),
     )
-    return ScheduledBatch(entries, model_input, sampled)
+    return batch
+
+
+def _with_prompt_scores(batch: ScheduledBatch, completes: list[bool], offsets: list[int]) -> torch.Tensor:
+    """Logit rows for every prompt position of requests that asked for prompt logprobs (position p
+    scores prompt token p + 1), besides the usual last-token rows of sampled requests."""
+    index: list[int] = []
+    sample_rows: list[int] = []
+    for (req, n), done, off in zip(batch.entries, completes, offsets):
+        start = req.num_computed
+        if req.want_prompt_logprobs and start < len(req.prompt_ids):
+            first = len(index)
+            index.extend(range(off, off + n))
+            scored = min(n, len(req.prompt_ids) - 1 - start)
+            if scored > 0:
+                batch.prompt_scores.append((req, first, scored, start + 1))
+            if done:
+                sample_rows.append(first + n - 1)
+        elif done:
+            sample_rows.append(len(index))
+            index.append(off + n - 1)
+    batch.sample_rows = torch.tensor(sample_rows, dtype=torch.int64)
+    return torch.tensor(index, dtype=torch.int64)

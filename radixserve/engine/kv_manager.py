@@ -29,8 +29,12 @@ class KVManager:
         row = self.pool.alloc_row()
         if row is None:
             return False
-        # At least one token is always computed: its logits give the next token.
-        key = req.tokens(0, req.seq_len - 1)
+        # At least one token is always computed: its logits give the next token. Prompt logprobs
+        # need logits at every prompt position, so such a request reuses nothing.
+        if req.want_prompt_logprobs and not req.output_ids:
+            key, req.prompt_logprobs = [], []
+        else:
+            key = req.tokens(0, req.seq_len - 1)
         slots, node = self.tree.match_prefix(key, req.namespace)
         self.tree.inc_lock(node)
         m = len(slots)

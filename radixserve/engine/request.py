@@ -17,6 +17,9 @@ class Request:
     namespace: Hashable = None
     output_ids: list[int] = field(default_factory=list)
     order: int = 0  # arrival order: the newest running request is preempted first
+    want_prompt_logprobs: bool = False
+    # (token, logprob, top alternatives) of prompt tokens 1.., sent with the first output token
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
     # KV state, managed by KVManager. tokens[:num_computed] have KV in the pool at the slots
     # req_to_token[row, :num_computed]; the first protected_len of them are owned by the radix

@@ -51,7 +51,7 @@ class Scheduler:
             return
         seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
         req = Request(msg.rid, list(msg.input_ids), msg.params, seed, msg.group, msg.namespace,
-                      order=next(self._order))
+                      order=next(self._order), want_prompt_logprobs=msg.prompt_logprobs)
         self.by_rid[req.rid] = req
         self.waiting.append(req)
 
@@ -120,11 +120,26 @@ class Scheduler:
         logits = self.runner.forward(batch.model_input)
         for req, n in plan.entries:
             req.num_computed += n
+        for req, first, count, pos in batch.prompt_scores:
+            self._score_prompt(req, logits[first:first + count], pos)
         if batch.sampled:
-            self._process_tokens(batch.sampled, logits)
+            self._process_tokens(batch.sampled, logits if batch.sample_rows is None else logits[batch.sample_rows])
         for req in prefilling:
             if req.row >= 0:  # still running: share its computed prompt (chunk boundary)
                 self.kv.cache_prefix(req)
+
+    @staticmethod
+    def _score_prompt(req: Request, logits: torch.Tensor, pos: int) -> None:
+        """Log-probabilities of prompt tokens pos.. given the logits of the positions before them."""
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor(req.prompt_ids[pos:pos + len(logits)], dtype=torch.int64, device=logits.device)
+        chosen = logp.gather(1, targets[:, None]).squeeze(1).tolist()
+        k = req.params.top_logprobs
+        tops = [[]] * len(chosen)
+        if k:
+            vals, ids = logp.topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        req.prompt_logprobs.extend(zip(targets.tolist(), chosen, tops))
 
     def _process_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
         rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
@@ -138,14 +153,17 @@ class Scheduler:
             top = [list(zip(i, p)) for i, p in zip(out.top_ids.tolist(), out.top_logprobs.tolist())]
         for i, req in enumerate(reqs):
             p = req.params
-            if p.max_new_tokens == 0:  # prompt-only request (e.g. to warm the cache)
+            if p.max_new_tokens == 0:  # prompt-only request (to warm the cache, or to score the prompt)
                 req.finish_reason = "length"
                 self.running.remove(req)
-                self._finish(req)
+                self._finish(req, TokenOutput(req.rid, prompt_tokens=len(req.prompt_ids), cached_tokens=req.cached_tokens,
+                                              prompt_logprobs=req.prompt_logprobs if req.want_prompt_logprobs else None))
                 continue
             tok = ids[i]
             req.output_ids.append(tok)
             res = TokenOutput(req.rid, tok, prompt_tokens=len(req.prompt_ids), cached_tokens=req.cached_tokens)
+            if req.want_prompt_logprobs and len(req.output_ids) == 1:
+                res.prompt_logprobs = req.prompt_logprobs
             if p.logprobs and lps is not None:
                 res.logprob = lps[i]
                 if p.top_logprobs and top is not None:

@@ -6,7 +6,7 @@ import threading
 from typing import Any, AsyncIterator
 
 from radixserve.config import ServerArgs
-from radixserve.managers.tokenizer_manager import GenerationChunk, TokenizerManager
+from radixserve.managers.tokenizer_manager import SequenceResult, TokenizerManager
 from radixserve.sampling.params import SamplingParams
 
 Prompt = str | list[int]
@@ -17,31 +17,6 @@ def _to_params(p: SamplingParams | dict | None) -> SamplingParams:
         p.validate()
         return p
     return SamplingParams.from_dict(p)
-
-
-class _Result:
-    """Accumulates one sequence's chunks into SGLang's output dict."""
-
-    def __init__(self) -> None:
-        self.text, self.ids, self.logprobs, self.last = "", [], [], None
-
-    def add(self, c: GenerationChunk) -> None:
-        self.text += c.text
-        self.ids += c.token_ids
-        self.logprobs += c.logprobs
-        self.last = c
-
-    def to_dict(self, rid: str) -> dict:
-        c = self.last
-        finish: dict[str, Any] = {"type": c.finish_reason}
-        if c.matched_stop is not None:
-            finish["matched"] = c.matched_stop
-        meta = {"id": rid, "finish_reason": finish, "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens, "cached_tokens": c.cached_tokens}
-        if self.logprobs:
-            meta["output_token_logprobs"] = [(lp, tok) for tok, lp, _ in self.logprobs]
-            meta["output_top_logprobs"] = [[(lp, t) for t, lp in top] for _, _, top in self.logprobs]
-        return {"text": self.text, "output_ids": self.ids, "meta_info": meta}
 
 
 class Engine:
@@ -89,7 +64,7 @@ class Engine:
         return ids, params, single
 
     async def _run_one(self, ids: list[int], params: SamplingParams, rid: str | None = None) -> list[dict]:
-        results = [_Result() for _ in range(params.n)]
+        results = [SequenceResult() for _ in range(params.n)]
         rid = rid or None
         async for chunk in self.tokenizer_manager.generate(ids, params, rid=rid):
             results[chunk.index].add(chunk)

@@ -12,6 +12,7 @@ class GenerateReq(msgspec.Struct, tag=True):
     params: SamplingParams
     group: str | None = None  # the n samples of one prompt share a group: its KV is computed once
     namespace: str | None = None  # prefix-cache namespace (cache_salt, LoRA adapter)
+    prompt_logprobs: bool = False  # logprobs (top: params.top_logprobs) of the prompt's tokens too
 
 
 class AbortReq(msgspec.Struct, tag=True):
@@ -38,6 +39,7 @@ class TokenOutput(msgspec.Struct):
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # with the first token
 
 
 class BatchOutput(msgspec.Struct, tag=True):

@@ -8,6 +8,7 @@ import logging
 import multiprocessing as mp
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -31,6 +32,10 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class OverloadedError(RuntimeError):
+    pass
+
+
 @dataclass
 class GenerationChunk:
     """An increment of one sequence (choice `index` of its request)."""
@@ -44,6 +49,7 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # first chunk, when asked
 
 
 @dataclass
@@ -53,6 +59,59 @@ class _SeqState:
     detok: IncrementalDetokenizer
     completion_tokens: int = 0
     finished: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None
+
+
+class RequestHandle:
+    """A submitted request: iterate it for the chunks of its sequences (tagged by index). Leaving the
+    iteration early (client gone, error) aborts whatever is still running in the engine."""
+
+    def __init__(self, manager: "TokenizerManager", sub_rids: list[str]):
+        self.manager, self.sub_rids = manager, sub_rids
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        remaining = len(self.sub_rids)
+        try:
+            while remaining:
+                chunk = await self.queue.get()
+                if isinstance(chunk, Exception):
+                    raise chunk
+                if chunk.finish_reason is not None:
+                    remaining -= 1
+                yield chunk
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the request (aborting what still runs); idempotent."""
+        self.manager._release(self.sub_rids)
+
+
+class SequenceResult:
+    """Accumulates one sequence's chunks into SGLang's output dict: text, output_ids, meta_info."""
+
+    def __init__(self) -> None:
+        self.text, self.ids, self.logprobs, self.last = "", [], [], None
+
+    def add(self, c: GenerationChunk) -> None:
+        self.text += c.text
+        self.ids += c.token_ids
+        self.logprobs += c.logprobs
+        self.last = c
+
+    def to_dict(self, rid: str) -> dict:
+        c = self.last
+        finish: dict = {"type": c.finish_reason}
+        if c.matched_stop is not None:
+            finish["matched"] = c.matched_stop
+        meta = {"id": rid, "finish_reason": finish if c.finish_reason else None, "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens, "cached_tokens": c.cached_tokens}
+        if self.logprobs:
+            meta["output_token_logprobs"] = [(lp, tok) for tok, lp, _ in self.logprobs]
+            meta["output_top_logprobs"] = [[(lp, t) for t, lp in top] for _, _, top in self.logprobs]
+        return {"text": self.text, "output_ids": self.ids, "meta_info": meta}
 
 
 class TokenizerManager:
@@ -87,44 +146,52 @@ class TokenizerManager:
         self._seqs: dict[str, _SeqState] = {}
         self._stats_waiters: list[asyncio.Future] = []
         self._recv_task: asyncio.Task | None = None
+        self.num_active = 0  # sequences submitted and not yet released
+        self.metrics = None  # an object with on_token/on_finish (the server's Prometheus metrics)
         self.dead = False
 
     # ---- requests
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    async def generate(self, input_ids: list[int], params: SamplingParams, rid: str | None = None,
-                       namespace: str | None = None) -> AsyncIterator[GenerationChunk]:
-        """Stream the params.n sequences of one prompt as chunks tagged with their index. Leaving the
-        iterator early (client gone, stop, error) aborts what is still running in the engine."""
-        self._ensure_receiving()
+    def submit(self, input_ids: list[int], params: SamplingParams, rid: str | None = None,
+               namespace: str | None = None, prompt_logprobs: bool = False) -> "RequestHandle":
+        """Admit a request (or raise OverloadedError at once) and send its params.n sequences to the engine."""
         if self.dead:
             raise EngineDeadError("the engine process is not running")
+        limit = self.args.max_queued_requests
+        if limit is not None and self.num_active + params.n > self.args.max_running_requests + limit:
+            raise OverloadedError(f"the server is overloaded: {self.num_active} sequences running or queued "
+                                  f"(--max-running-requests {self.args.max_running_requests} + "
+                                  f"--max-queued-requests {limit}); retry later")
+        self._ensure_receiving()
         rid = rid or uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
-        sub_rids = [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)]
-        for i, sub in enumerate(sub_rids):
+        handle = RequestHandle(self, [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)])
+        for i, sub in enumerate(handle.sub_rids):
             seed = None if params.seed is None else params.seed + i
             sub_params = dataclasses.replace(params, n=1, seed=seed)
-            self._seqs[sub] = _SeqState(i, queue, IncrementalDetokenizer(
+            self._seqs[sub] = _SeqState(i, handle.queue, IncrementalDetokenizer(
                 self.tokenizer, input_ids, skip_special_tokens=params.skip_special_tokens,
                 spaces_between_special_tokens=params.spaces_between_special_tokens, stop=params.stop))
             self._send_msg(GenerateReq(sub, input_ids, sub_params, group=rid if params.n > 1 else None,
-                                       namespace=namespace))
-        remaining = len(sub_rids)
-        try:
-            while remaining:
-                chunk = await queue.get()
-                if isinstance(chunk, Exception):
-                    raise chunk
-                if chunk.finish_reason is not None:
-                    remaining -= 1
-                yield chunk
-        finally:
-            for sub in sub_rids:
-                state = self._seqs.pop(sub, None)
-                if state is not None and not state.finished and not self.dead:
-                    self._send_msg(AbortReq(sub))
+                                       namespace=namespace, prompt_logprobs=prompt_logprobs))
+        self.num_active += params.n
+        return handle
+
+    async def generate(self, input_ids: list[int], params: SamplingParams, rid: str | None = None,
+                       namespace: str | None = None) -> AsyncIterator[GenerationChunk]:
+        """submit() and stream its chunks."""
+        async for chunk in self.submit(input_ids, params, rid, namespace):
+            yield chunk
+
+    def _release(self, sub_rids: list[str]) -> None:
+        for sub in sub_rids:
+            state = self._seqs.pop(sub, None)
+            if state is None:
+                continue
+            self.num_active -= 1
+            if not state.finished and not self.dead:
+                self._send_msg(AbortReq(sub))
 
     def abort(self, rid: str) -> None:
         self._send_msg(AbortReq(rid))
@@ -172,9 +239,14 @@ class TokenizerManager:
             state.finished = True
             state.queue.put_nowait(ValueError(out.error))
             return
-        chunk = GenerationChunk(state.index, prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens)
+        chunk = GenerationChunk(state.index, prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                                prompt_logprobs=out.prompt_logprobs)
         tok = out.token_id
+        now = time.perf_counter()
         if tok is not None:
+            if self.metrics is not None:
+                self.metrics.on_token(state.last_token is None, now - (state.last_token or state.submitted))
+            state.last_token = now
             state.completion_tokens += 1
             chunk.token_ids.append(tok)
             if out.logprob is not None:
@@ -192,6 +264,8 @@ class TokenizerManager:
             chunk.finish_reason, chunk.matched_stop = out.finish_reason, out.matched_stop
         chunk.completion_tokens = state.completion_tokens
         state.finished = chunk.finish_reason is not None
+        if state.finished and self.metrics is not None:
+            self.metrics.on_finish(chunk.finish_reason, out.prompt_tokens, out.cached_tokens, now - state.submitted)
         state.queue.put_nowait(chunk)
 
     def _engine_died(self) -> None:

@@ -1,0 +1,315 @@
+"""The FastAPI app: lifecycle, middleware (request id, auth, body limit), error mapping and routes."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import threading
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from radixserve.config import ServerArgs
+from radixserve.managers.tokenizer_manager import SequenceResult, TokenizerManager
+from radixserve.sampling.params import SamplingParams
+from radixserve.server import chat, completions
+from radixserve.server.common import ServingContext, as_api_error, sse, sse_with_errors
+from radixserve.server.errors import APIError, bad_request
+from radixserve.server.metrics import Metrics
+from radixserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
+                                        ModelCard, ModelList, TokenizeRequest)
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+OPEN_PATHS = {"/health", "/metrics"}  # reachable without the API key (probes, scrapers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    if err.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if err.get("type") == "extra_forbidden":
+        return f"unsupported parameter: {field}", field
+    if err.get("type") == "missing":
+        return f"missing required parameter: {field}", field
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return (f"{field}: {msg}" if field else msg), field
+
+
+class _State:
+    """The tokenizer manager appears once the engine has loaded (in the background, so that /health
+    can answer 503 meanwhile)."""
+
+    def __init__(self, args: ServerArgs):
+        self.args = args
+        self.ctx: ServingContext | None = None
+        self.error: str | None = None
+        self.metrics = Metrics() if args.enable_metrics else None
+
+    def start(self) -> None:
+        try:
+            tm = TokenizerManager(self.args)
+            tm.metrics = self.metrics
+            self.ctx = ServingContext(tm, self.args)
+            logger.info("ready: serving %s on http://%s:%d", self.args.served_model_name, self.args.host,
+                        self.args.port)
+        except Exception as e:  # noqa: BLE001 - reported by /health and every request
+            logger.exception("the engine failed to start")
+            self.error = str(e)
+
+    def serving(self) -> ServingContext:
+        if self.ctx is None:
+            raise APIError(503, self.error or "the model is still loading", headers={"Retry-After": "5"})
+        if self.ctx.tm.dead or not self.ctx.tm.proc.is_alive():
+            raise APIError(503, "the engine process is not running")
+        return self.ctx
+
+
+async def _until_disconnected(request: Request, coro) -> Any:
+    """Await coro, cancelling it (which aborts the request in the engine) if the client goes away."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+
+
+async def _respond(request: Request, handles, run, stream: bool) -> Response:
+    if stream:
+        async def events():
+            try:
+                async for event in sse_with_errors(run):
+                    yield event
+            finally:  # also on client disconnect: Starlette cancels the body iterator
+                for h in handles:
+                    h.close()
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        result = await _until_disconnected(request, run)
+    except Exception as e:  # noqa: BLE001
+        raise as_api_error(e) from None
+    finally:
+        for h in handles:
+            h.close()
+    if result is None:
+        return Response(status_code=499)  # client closed the connection; nobody reads this
+    return JSONResponse(result.model_dump(exclude_none=True))
+
+
+def create_app(args: ServerArgs) -> FastAPI:
+    state = _State(args)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = threading.Thread(target=state.start, name="radixserve-loader", daemon=True)
+        loader.start()
+        yield
+        loader.join()
+        if state.ctx is not None:
+            await state.ctx.tm.stop_receiving()
+            state.ctx.tm.shutdown()
+
+    app = FastAPI(title="radixserve", lifespan=lifespan)
+    app.state.radixserve = state
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.rid = rid
+        if args.api_key and request.url.path not in OPEN_PATHS:
+            auth = request.headers.get("authorization", "")
+            key = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(key.encode(), args.api_key.encode()):
+                return APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                code="invalid_api_key").response()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return APIError(413, f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}").response()
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug: log it with the request id, answer 500, keep serving
+            logger.exception("request %s failed", rid)
+            response = APIError(500, f"internal server error (request id {rid})").response()
+        response.headers["x-request-id"] = rid
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return bad_request(message, param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = f"route {request.method} {request.url.path} not found" if exc.status_code == 404 else str(exc.detail)
+        return APIError(exc.status_code, message).response()
+
+    # ---- OpenAI API
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        handle, run = await chat.create_chat_completion(state.serving(), req)
+        return await _respond(request, [handle], run, req.stream)
+
+    @app.post("/v1/completions")
+    async def completions_(req: CompletionRequest, request: Request):
+        handles, run = await completions.create_completion(state.serving(), req)
+        return await _respond(request, handles, run, req.stream)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        ctx = state.serving()
+        raise bad_request(f"{ctx.served_model_name} is a generation model, not an embedding model: it does not "
+                          f"serve /v1/embeddings", param="model")
+
+    def model_card() -> ModelCard:
+        ctx = state.serving()
+        return ModelCard(id=ctx.served_model_name, root=ctx.model_path, max_model_len=ctx.tm.context_length)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        state.serving().check_model(model_id)
+        return model_card()
+
+    # ---- SGLang's native and operational routes
+    @app.get("/health")
+    async def health():
+        state.serving()
+        return Response(status_code=200)
+
+    if args.enable_metrics:
+        @app.get("/metrics")
+        async def metrics():
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            return Response(await state.metrics.render(state.serving().tm), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/health_generate")
+    async def health_generate(request: Request):
+        ctx = state.serving()
+        handle = ctx.tm.submit([ctx.tm.tokenizer.eos_token_id or 0], SamplingParams(max_new_tokens=1))
+        try:
+            async for _ in handle:
+                pass
+        except Exception as e:  # noqa: BLE001
+            raise as_api_error(e) from None
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def get_model_info():
+        ctx = state.serving()
+        info = ctx.tm.info
+        return {"model_path": ctx.model_path, "tokenizer_path": args.tokenizer_path or ctx.model_path,
+                "served_model_name": ctx.served_model_name, "is_generation": True,
+                "architecture": info["architecture"], "dtype": info["dtype"], "device": info["device"],
+                "context_length": ctx.tm.context_length, "vocab_size": info["vocab_size"]}
+
+    @app.get("/get_server_info")
+    async def get_server_info():
+        ctx = state.serving()
+        stats = await ctx.tm.stats()
+        return {**dataclasses.asdict(args), "api_key": "***" if args.api_key else None,
+                "max_total_tokens": ctx.tm.info["max_total_tokens"],
+                "stats": {"num_running": stats.num_running, "num_waiting": stats.num_waiting,
+                          "kv_total": stats.kv_total, "kv_free": stats.kv_free, "kv_cached": stats.kv_cached,
+                          "kv_used": stats.kv_total - stats.kv_free - stats.kv_cached,
+                          "active_requests": ctx.tm.num_active}}
+
+    @app.post("/flush_cache")
+    async def flush_cache():
+        stats = await state.serving().tm.flush_cache()
+        if not stats.flushed:
+            raise bad_request("the cache cannot be flushed while requests are running")
+        return {"message": "prefix cache flushed"}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        ctx = state.serving()
+        ids = ctx.tm.tokenize(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": ctx.tm.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        ctx = state.serving()
+        vocab = ctx.tm.info["vocab_size"]
+        if any(t < 0 or t >= vocab for t in req.tokens):
+            raise bad_request(f"token ids must be in [0, {vocab})", param="tokens")
+        return {"text": ctx.tm.tokenizer.decode(req.tokens)}
+
+    @app.post("/generate")
+    async def generate(req: GenerateRequest, request: Request):
+        ctx = state.serving()
+        sp = dict(req.sampling_params or {})
+        if req.return_logprob:
+            sp.setdefault("logprobs", True)
+            sp.setdefault("top_logprobs", req.top_logprobs_num)
+        try:
+            params = SamplingParams.from_dict(sp)
+        except ValueError as e:
+            raise bad_request(str(e), param="sampling_params") from None
+        texts = req.text if isinstance(req.text, list) else None if req.text is None else [req.text]
+        single = isinstance(req.text, str) or (req.input_ids is not None and req.input_ids
+                                               and isinstance(req.input_ids[0], int))
+        prompts = [ctx.tm.tokenize(t) for t in texts] if texts is not None else (
+            [req.input_ids] if single else list(req.input_ids))
+        if not prompts or any(not p for p in prompts):
+            raise bad_request("the prompt is empty")
+        handles = []
+        try:
+            for ids in prompts:
+                if len(ids) >= ctx.tm.context_length:
+                    raise bad_request(f"the prompt has {len(ids)} tokens; the context length is "
+                                      f"{ctx.tm.context_length}")
+                rid = req.rid if req.rid and single else None
+                handles.append(ctx.tm.submit(ids, params, rid=rid))
+        except Exception as e:
+            for h in handles:
+                h.close()
+            raise as_api_error(e) from None
+        results = [[SequenceResult() for _ in range(params.n)] for _ in handles]
+        flat = lambda: [r.to_dict(f"{p}-{i}") for p, rs in enumerate(results) for i, r in enumerate(rs)]  # noqa: E731
+        merged = completions._merged(handles)
+        if req.stream:
+            async def events():
+                async for p, c in merged:
+                    results[p][c.index].add(c)
+                    d = results[p][c.index].to_dict(f"{p}-{c.index}")
+                    d["index"] = p * params.n + c.index
+                    yield sse(d)
+            return await _respond(request, handles, events(), True)
+
+        async def collect():
+            async for p, c in merged:
+                results[p][c.index].add(c)
+            out = flat()
+            return out[0] if single and params.n == 1 else out
+
+        try:
+            out = await _until_disconnected(request, collect())
+        except Exception as e:  # noqa: BLE001
+            raise as_api_error(e) from None
+        finally:
+            for h in handles:
+                h.close()
+        return JSONResponse(out) if out is not None else Response(status_code=499)
+
+    return app

@@ -1,0 +1,119 @@
+"""What chat and completions share: model check, request → SamplingParams, usage, logprob tokens, SSE."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import AsyncIterator
+
+from radixserve.config import ServerArgs
+from radixserve.managers.tokenizer_manager import EngineDeadError, OverloadedError
+from radixserve.sampling.params import SamplingParams
+from radixserve.server.errors import APIError, bad_request
+from radixserve.server.protocol import PromptTokensDetails, Usage, _Sampling
+
+logger = logging.getLogger(__name__)
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def _read_template(value: str | None) -> str | None:
+    """--chat-template is a file path or the template itself."""
+    if value and os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    return value
+
+
+class ServingContext:
+    """What every handler needs: the tokenizer manager, the served names and the operator's options."""
+
+    def __init__(self, tokenizer_manager, args: ServerArgs):
+        self.tm = tokenizer_manager
+        self.args = args
+        self.served_model_name = args.served_model_name
+        self.model_path = args.model_path
+        self.chat_template = _read_template(args.chat_template)
+
+    def check_model(self, model: str) -> None:
+        if model in (self.served_model_name, self.model_path):
+            return
+        if ":" in model and model.split(":", 1)[0] in (self.served_model_name, self.model_path):
+            raise APIError(404, f"LoRA adapter {model.split(':', 1)[1]!r} is not loaded (this server has no "
+                                f"LoRA adapters)", code="model_not_found", param="model")
+        raise APIError(404, f"The model {model!r} does not exist; this server serves {self.served_model_name!r}",
+                       code="model_not_found", param="model")
+
+    def sampling_params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool,
+                        top_logprobs: int) -> SamplingParams:
+        """The engine's parameters for one prompt, with the context-length checks that need its length."""
+        ctx = self.tm.context_length
+        if prompt_len >= ctx:
+            raise bad_request(f"This model's maximum context length is {ctx} tokens; the prompt has "
+                              f"{prompt_len} tokens", param="messages")
+        if max_tokens is not None and prompt_len + max_tokens > ctx:
+            raise bad_request(f"This model's maximum context length is {ctx} tokens; {prompt_len} prompt tokens + "
+                              f"max_tokens {max_tokens} exceed it", param="max_tokens")
+        if max_tokens is None:
+            default = self.args.default_max_tokens
+            max_tokens = ctx - prompt_len if default < 0 else min(default, ctx - prompt_len)
+        values = {
+            "max_new_tokens": max_tokens, "n": req.n, "stop": req.stop or [], "stop_token_ids": req.stop_token_ids or [],
+            "seed": req.seed, "ignore_eos": req.ignore_eos, "skip_special_tokens": req.skip_special_tokens,
+            "spaces_between_special_tokens": req.spaces_between_special_tokens, "logprobs": logprobs,
+            "top_logprobs": top_logprobs,
+        }
+        for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+                     "repetition_penalty"):
+            value = getattr(req, name)
+            if value is not None:
+                values[name] = value
+        params = SamplingParams(**values)
+        try:
+            params.validate()
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        return params
+
+    def usage(self, req: _Sampling, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
+        # As SGLang: reported only when the operator enables it and the request asks for it.
+        if self.args.enable_cache_report and req.return_cached_tokens_details:
+            usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=cached_tokens)
+        return usage
+
+    @functools.lru_cache(maxsize=65536)
+    def token_text(self, token_id: int) -> str:
+        return self.tm.tokenizer.decode([token_id])
+
+
+def sse(payload) -> str:
+    """One server-sent event; payload is a pydantic model or a dict."""
+    data = payload.model_dump_json(exclude_none=False) if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Errors after the stream began cannot change the status code: send them as an error event."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:  # noqa: BLE001 - every failure must reach the client as an event
+        yield sse({"error": as_api_error(e).body()})
+    yield SSE_DONE
+
+
+def as_api_error(e: Exception) -> APIError:
+    """The HTTP face of an engine-side failure (a 500 is always a bug, logged by the app)."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, OverloadedError):
+        return APIError(503, str(e), headers={"Retry-After": "1"})
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e))
+    if isinstance(e, ValueError):
+        return bad_request(str(e))
+    logger.error("internal error while generating", exc_info=e)
+    return APIError(500, f"internal error: {type(e).__name__}")
