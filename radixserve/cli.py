@@ -57,7 +57,7 @@ def _serve(ns: argparse.Namespace) -> None:
     # uvicorn stops accepting on SIGTERM/SIGINT, lets in-flight requests finish, then the app's
     # lifespan stops the engine process.
     uvicorn.run(create_app(args), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=30, access_log=args.log_requests)
+                timeout_graceful_shutdown=30, access_log=False)  # --log-requests logs richer lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,7 +48,7 @@ def build_batch(entries: list[tuple[Request, int]], slots: torch.Tensor, req_to_
     completes = [req.num_computed + n == req.seq_len for req, n in entries]
     sampled = [req for (req, _), done in zip(entries, completes) if done]
     batch = ScheduledBatch(entries, None, sampled)
-    if any(req.want_prompt_logprobs and req.num_computed < len(req.prompt_ids) for req, _ in entries):
+    if any(req.scores_prompt for req, _ in entries):
         logit_index = _with_prompt_scores(batch, completes, offsets.tolist())
     else:
         logit_index = (offsets + lens - 1)[torch.tensor(completes, device=device)]
@@ -68,7 +68,7 @@ def _with_prompt_scores(batch: ScheduledBatch, completes: list[bool], offsets: l
     sample_rows: list[int] = []
     for (req, n), done, off in zip(batch.entries, completes, offsets):
         start = req.num_computed
-        if req.want_prompt_logprobs and start < len(req.prompt_ids):
+        if req.scores_prompt:
             first = len(index)
             index.extend(range(off, off + n))
             scored = min(n, len(req.prompt_ids) - 1 - start)

@@ -40,9 +40,6 @@ class KVManager:
         m = len(slots)
         self.pool.req_to_token[row, :m] = slots
         req.row, req.num_computed, req.protected_len, req.tree_node = row, m, m, node
-        if not req.admitted:
-            req.cached_tokens = min(m, len(req.prompt_ids))
-            req.admitted = True
         return True
 
     def cache_prefix(self, req: Request) -> None:

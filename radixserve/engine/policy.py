@@ -71,14 +71,17 @@ def plan_step(running: list[Request], waiting: deque[Request], kv: KVManager, ma
             break
         running.append(req)
         plan.admitted.append(req)
+        if not req.admitted:  # the first admission that runs sets the reported reuse
+            req.cached_tokens = min(req.num_computed, len(req.prompt_ids))
+            req.admitted = True
         if n == 1:
             decodes.append(req)
         else:
             chunks.append((req, n))
         need += n
         token_budget -= n
-        if share and req.group is not None:
-            prefilling.add(req.group)  # its prompt is cached only at the end of this step
+        if share and req.group is not None and req.num_computed < len(req.prompt_ids) - 1:
+            prefilling.add(req.group)  # it computes the prompt, cached only at the end of this step
     waiting.extendleft(reversed(deferred))
     plan.entries = [(r, 1) for r in decodes] + chunks
     return plan

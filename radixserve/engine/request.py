@@ -29,7 +29,7 @@ class Request:
     protected_len: int = 0
     tree_node: Any = None
     cached_tokens: int = 0  # prompt tokens reused from the cache at first admission (reported)
-    admitted: bool = False
+    admitted: bool = False  # ran at least once (cached_tokens is final)
 
     finish_reason: str | None = None
     matched_stop: int | None = None
@@ -37,6 +37,11 @@ class Request:
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Prompt logprobs still to compute (not after a preemption: they were already sent)."""
+        return self.want_prompt_logprobs and not self.output_ids and self.num_computed < len(self.prompt_ids)
 
     @property
     def remaining(self) -> int:

@@ -163,7 +163,7 @@ class Scheduler:
             req.output_ids.append(tok)
             res = TokenOutput(req.rid, tok, prompt_tokens=len(req.prompt_ids), cached_tokens=req.cached_tokens)
             if req.want_prompt_logprobs and len(req.output_ids) == 1:
-                res.prompt_logprobs = req.prompt_logprobs
+                res.prompt_logprobs = list(req.prompt_logprobs)
             if p.logprobs and lps is not None:
                 res.logprob = lps[i]
                 if p.top_logprobs and top is not None:

@@ -167,6 +167,8 @@ class TokenizerManager:
         self._ensure_receiving()
         rid = rid or uuid.uuid4().hex
         handle = RequestHandle(self, [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)])
+        if any(sub in self._seqs for sub in handle.sub_rids):
+            raise ValueError(f"request id {rid!r} is already in use")
         for i, sub in enumerate(handle.sub_rids):
             seed = None if params.seed is None else params.seed + i
             sub_params = dataclasses.replace(params, n=1, seed=seed)

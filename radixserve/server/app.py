@@ -144,6 +144,8 @@ def create_app(args: ServerArgs) -> FastAPI:
             logger.exception("request %s failed", rid)
             response = APIError(500, f"internal server error (request id {rid})").response()
         response.headers["x-request-id"] = rid
+        if args.log_requests:
+            logger.info("request %s %s %s -> %d", rid, request.method, request.url.path, response.status_code)
         return response
 
     @app.exception_handler(APIError)
@@ -161,13 +163,19 @@ def create_app(args: ServerArgs) -> FastAPI:
         return APIError(exc.status_code, message).response()
 
     # ---- OpenAI API
+    def log_request(request: Request, req) -> None:
+        if args.log_requests:
+            logger.info("request %s %s: %s", request.state.rid, request.url.path, req.model_dump_json(exclude_none=True))
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        log_request(request, req)
         handle, run = await chat.create_chat_completion(state.serving(), req)
         return await _respond(request, [handle], run, req.stream)
 
     @app.post("/v1/completions")
     async def completions_(req: CompletionRequest, request: Request):
+        log_request(request, req)
         handles, run = await completions.create_completion(state.serving(), req)
         return await _respond(request, handles, run, req.stream)
 
@@ -257,6 +265,7 @@ def create_app(args: ServerArgs) -> FastAPI:
 
     @app.post("/generate")
     async def generate(req: GenerateRequest, request: Request):
+        log_request(request, req)
         ctx = state.serving()
         sp = dict(req.sampling_params or {})
         if req.return_logprob:

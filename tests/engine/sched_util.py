@@ -49,6 +49,7 @@ def owned_slots(s: Scheduler) -> int:
 def check_live(s: Scheduler) -> None:
     """KV accounting between steps: every slot is free, in the tree, or owned by a running request."""
     kv = s.kv
+    assert len(s.running) <= s.args.max_running_requests
     assert kv.free_slots() + kv.tree.total_size() + owned_slots(s) == kv.capacity, (
         kv.free_slots(), kv.tree.total_size(), owned_slots(s), kv.capacity)
     for r in s.running:
@@ -124,15 +125,19 @@ def solo(s: Scheduler, r: GenerateReq) -> list[int]:
 class Counter:
     """Wraps a function of a module attribute and records its calls."""
 
-    def __init__(self, monkeypatch, module, name: str):
+    def __init__(self, monkeypatch, module, name: str, snap: Callable | None = None):
+        """snap(result) is recorded right after each call, while the objects it looks at are current."""
         self.calls: list = []
         self.results: list = []
+        self.snaps: list = []
         inner = getattr(module, name)
 
         def wrapper(*a, **k):
             out = inner(*a, **k)
             self.calls.append((a, k))
             self.results.append(out)
+            if snap is not None:
+                self.snaps.append(snap(out))
             return out
 
         monkeypatch.setattr(module, name, wrapper)
