@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import types
 import typing
@@ -54,6 +55,8 @@ def _serve(ns: argparse.Namespace) -> None:
 
     args = server_args_from(ns)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # uvicorn re-raises the signal it handled once it has shut down; a graceful stop is a success.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # uvicorn stops accepting on SIGTERM/SIGINT, lets in-flight requests finish, then the app's
     # lifespan stops the engine process.
     uvicorn.run(create_app(args), host=args.host, port=args.port, log_level=args.log_level,

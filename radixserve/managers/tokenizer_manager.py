@@ -160,6 +160,9 @@ class TokenizerManager:
         if self.dead:
             raise EngineDeadError("the engine process is not running")
         limit = self.args.max_queued_requests
+        if limit is not None and params.n > self.args.max_running_requests + limit:
+            raise ValueError(f"n={params.n} exceeds what this server admits at once "
+                             f"({self.args.max_running_requests + limit} sequences)")
         if limit is not None and self.num_active + params.n > self.args.max_running_requests + limit:
             raise OverloadedError(f"the server is overloaded: {self.num_active} sequences running or queued "
                                   f"(--max-running-requests {self.args.max_running_requests} + "

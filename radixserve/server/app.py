@@ -1,12 +1,10 @@
-"""The FastAPI app: lifecycle, middleware (request id, auth, body limit), error mapping and routes."""
+"""The FastAPI app: lifecycle, error mapping and routes (the Guard middleware does auth and limits)."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import threading
-import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,11 +14,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixserve.config import ServerArgs
-from radixserve.managers.tokenizer_manager import SequenceResult, TokenizerManager
+from radixserve.managers.tokenizer_manager import EngineDeadError, OverloadedError, SequenceResult, TokenizerManager
 from radixserve.sampling.params import SamplingParams
 from radixserve.server import chat, completions
 from radixserve.server.common import ServingContext, as_api_error, sse, sse_with_errors
 from radixserve.server.errors import APIError, bad_request
+from radixserve.server.guard import Guard
 from radixserve.server.metrics import Metrics
 from radixserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
                                         ModelCard, ModelList, TokenizeRequest)
@@ -77,14 +76,21 @@ class _State:
 async def _until_disconnected(request: Request, coro) -> Any:
     """Await coro, cancelling it (which aborts the request in the engine) if the client goes away."""
     task = asyncio.ensure_future(coro)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return None
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
 
 
 async def _respond(request: Request, handles, run, stream: bool) -> Response:
@@ -125,32 +131,18 @@ def create_app(args: ServerArgs) -> FastAPI:
     app = FastAPI(title="radixserve", lifespan=lifespan)
     app.state.radixserve = state
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.rid = rid
-        if args.api_key and request.url.path not in OPEN_PATHS:
-            auth = request.headers.get("authorization", "")
-            key = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(key.encode(), args.api_key.encode()):
-                return APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                code="invalid_api_key").response()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return APIError(413, f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}").response()
-        try:
-            response = await call_next(request)
-        except Exception:  # a bug: log it with the request id, answer 500, keep serving
-            logger.exception("request %s failed", rid)
-            response = APIError(500, f"internal server error (request id {rid})").response()
-        response.headers["x-request-id"] = rid
-        if args.log_requests:
-            logger.info("request %s %s %s -> %d", rid, request.method, request.url.path, response.status_code)
-        return response
+    app.add_middleware(Guard, api_key=args.api_key, open_paths=OPEN_PATHS, max_body_bytes=MAX_BODY_BYTES,
+                       log_requests=args.log_requests)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(OverloadedError)
+    @app.exception_handler(EngineDeadError)
+    @app.exception_handler(ValueError)  # validation below the HTTP layer (SamplingParams, engine limits)
+    async def engine_error(request: Request, exc: Exception):
+        return as_api_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -15,7 +15,8 @@ from radixserve.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
 
 
 def _template_message(m) -> dict:
-    msg: dict = {"role": m.role, "content": m.text()}
+    # Templates concatenate content: an assistant turn with only tool calls renders as "".
+    msg: dict = {"role": m.role, "content": m.text() or ""}
     if m.name:
         msg["name"] = m.name
     if m.tool_calls:
@@ -52,9 +53,8 @@ def render_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
 def _logprobs(ctx: ServingContext, chunk: GenerationChunk) -> ChoiceLogprobs:
     content = []
     for tok, lp, top in chunk.logprobs:
-        text = ctx.token_text(tok)
-        content.append(TokenLogprob(token=text, logprob=lp, bytes=list(text.encode()), top_logprobs=[
-            TopLogprob(token=ctx.token_text(t), logprob=p, bytes=list(ctx.token_text(t).encode())) for t, p in top]))
+        content.append(TokenLogprob(token=ctx.token_text(tok), logprob=lp, bytes=ctx.token_bytes(tok), top_logprobs=[
+            TopLogprob(token=ctx.token_text(t), logprob=p, bytes=ctx.token_bytes(t)) for t, p in top]))
     return ChoiceLogprobs(content=content)
 
 

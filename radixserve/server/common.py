@@ -5,7 +5,10 @@ import functools
 import json
 import logging
 import os
+import re
 from typing import AsyncIterator
+
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from radixserve.config import ServerArgs
 from radixserve.managers.tokenizer_manager import EngineDeadError, OverloadedError
@@ -14,6 +17,9 @@ from radixserve.server.errors import APIError, bad_request
 from radixserve.server.protocol import PromptTokensDetails, Usage, _Sampling
 
 logger = logging.getLogger(__name__)
+
+# Byte-level BPE vocabularies spell each byte as one printable character (GPT-2's mapping).
+_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -87,6 +93,18 @@ class ServingContext:
     @functools.lru_cache(maxsize=65536)
     def token_text(self, token_id: int) -> str:
         return self.tm.tokenizer.decode([token_id])
+
+    @functools.lru_cache(maxsize=65536)
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's exact bytes (a piece of a multi-byte character decodes to U+FFFD as text, but
+        its bytes still concatenate to the right UTF-8)."""
+        piece = self.tm.tokenizer.convert_ids_to_tokens(token_id)
+        if piece and all(ch in _BYTE_OF_CHAR for ch in piece):  # byte-level BPE: one char per byte
+            return [_BYTE_OF_CHAR[ch] for ch in piece]
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece or "")  # sentencepiece byte fallback
+        if byte:
+            return [int(byte.group(1), 16)]
+        return list(self.token_text(token_id).encode())
 
 
 def sse(payload) -> str:
