@@ -232,7 +232,7 @@ def test_rope_scaling_matches_transformers(tmp_path, kind, layout):
     rope_theta inside it). Logits far enough into the sequence that the scaling changes them."""
     import json
 
-    from conftest import build_tiny_model  # tests/ is on sys.path (rootdir conftest)
+    from tiny_models import build_tiny_model  # tests/ is on sys.path (rootdir conftest)
 
     from radixserve.model.loader import load_model_config
 
