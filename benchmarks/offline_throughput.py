@@ -22,12 +22,13 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return [[rng.randrange(1000, vocab - 1000) for _ in range(length)] for _ in range(n)]
 
 
-def bench_radixserve(model_path: str, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
+def bench_radixserve(model_path: str, batches: list[int], prompt_len: int, new_tokens: int,
+                     dtype: str = "auto") -> dict:
     import radixserve
 
     results = {}
     with radixserve.Engine(model_path=model_path, max_running_requests=max(batches), max_total_tokens=65536,
-                           disable_radix_cache=True) as engine:
+                           disable_radix_cache=True, dtype=dtype) as engine:
         vocab = engine.tokenizer_manager.info["vocab_size"]
         engine.generate(input_ids=make_prompts(2, 32, vocab, seed=99), sampling_params={"max_new_tokens": 8})
         params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
@@ -81,9 +82,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--dtype", default="auto", help="radixserve's --dtype (transformers runs bfloat16)")
     args = ap.parse_args()
     path = args.model_path or default_model_path()
-    ours = bench_radixserve(path, args.batches, args.prompt_len, args.new_tokens)
+    ours = bench_radixserve(path, args.batches, args.prompt_len, args.new_tokens, args.dtype)
     theirs = {} if args.skip_transformers else bench_transformers(path, args.batches, args.prompt_len, args.new_tokens)
     print(f"{'metric':<24}{'radixserve':>12}{'transformers':>14}{'ratio':>8}")
     for key, value in ours.items():

@@ -14,10 +14,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixserve.config import ServerArgs
-from radixserve.managers.tokenizer_manager import EngineDeadError, OverloadedError, SequenceResult, TokenizerManager
+from radixserve.managers.tokenizer_manager import EngineDeadError, OverloadedError, TokenizerManager
 from radixserve.sampling.params import SamplingParams
-from radixserve.server import chat, completions
-from radixserve.server.common import ServingContext, as_api_error, sse, sse_with_errors
+from radixserve.server import chat, completions, native
+from radixserve.server.common import ServingContext, as_api_error, sse_with_errors
 from radixserve.server.errors import APIError, bad_request
 from radixserve.server.guard import Guard
 from radixserve.server.metrics import Metrics
@@ -112,7 +112,7 @@ async def _respond(request: Request, handles, run, stream: bool) -> Response:
             h.close()
     if result is None:
         return Response(status_code=499)  # client closed the connection; nobody reads this
-    return JSONResponse(result.model_dump(exclude_none=True))
+    return JSONResponse(result.model_dump(exclude_none=True) if hasattr(result, "model_dump") else result)
 
 
 def create_app(args: ServerArgs) -> FastAPI:
@@ -258,59 +258,7 @@ def create_app(args: ServerArgs) -> FastAPI:
     @app.post("/generate")
     async def generate(req: GenerateRequest, request: Request):
         log_request(request, req)
-        ctx = state.serving()
-        sp = dict(req.sampling_params or {})
-        if req.return_logprob:
-            sp.setdefault("logprobs", True)
-            sp.setdefault("top_logprobs", req.top_logprobs_num)
-        try:
-            params = SamplingParams.from_dict(sp)
-        except ValueError as e:
-            raise bad_request(str(e), param="sampling_params") from None
-        texts = req.text if isinstance(req.text, list) else None if req.text is None else [req.text]
-        single = isinstance(req.text, str) or (req.input_ids is not None and req.input_ids
-                                               and isinstance(req.input_ids[0], int))
-        prompts = [ctx.tm.tokenize(t) for t in texts] if texts is not None else (
-            [req.input_ids] if single else list(req.input_ids))
-        if not prompts or any(not p for p in prompts):
-            raise bad_request("the prompt is empty")
-        handles = []
-        try:
-            for ids in prompts:
-                if len(ids) >= ctx.tm.context_length:
-                    raise bad_request(f"the prompt has {len(ids)} tokens; the context length is "
-                                      f"{ctx.tm.context_length}")
-                rid = req.rid if req.rid and single else None
-                handles.append(ctx.tm.submit(ids, params, rid=rid))
-        except Exception as e:
-            for h in handles:
-                h.close()
-            raise as_api_error(e) from None
-        results = [[SequenceResult() for _ in range(params.n)] for _ in handles]
-        flat = lambda: [r.to_dict(f"{p}-{i}") for p, rs in enumerate(results) for i, r in enumerate(rs)]  # noqa: E731
-        merged = completions._merged(handles)
-        if req.stream:
-            async def events():
-                async for p, c in merged:
-                    results[p][c.index].add(c)
-                    d = results[p][c.index].to_dict(f"{p}-{c.index}")
-                    d["index"] = p * params.n + c.index
-                    yield sse(d)
-            return await _respond(request, handles, events(), True)
-
-        async def collect():
-            async for p, c in merged:
-                results[p][c.index].add(c)
-            out = flat()
-            return out[0] if single and params.n == 1 else out
-
-        try:
-            out = await _until_disconnected(request, collect())
-        except Exception as e:  # noqa: BLE001
-            raise as_api_error(e) from None
-        finally:
-            for h in handles:
-                h.close()
-        return JSONResponse(out) if out is not None else Response(status_code=499)
+        handles, run = native.create_generate(state.serving(), req)
+        return await _respond(request, handles, run, req.stream)
 
     return app

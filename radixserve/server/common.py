@@ -1,6 +1,7 @@
 """What chat and completions share: model check, request → SamplingParams, usage, logprob tokens, SSE."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -11,7 +12,7 @@ from typing import AsyncIterator
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from radixserve.config import ServerArgs
-from radixserve.managers.tokenizer_manager import EngineDeadError, OverloadedError
+from radixserve.managers.tokenizer_manager import EngineDeadError, GenerationChunk, OverloadedError, RequestHandle
 from radixserve.sampling.params import SamplingParams
 from radixserve.server.errors import APIError, bad_request
 from radixserve.server.protocol import PromptTokensDetails, Usage, _Sampling
@@ -135,3 +136,36 @@ def as_api_error(e: Exception) -> APIError:
         return bad_request(str(e))
     logger.error("internal error while generating", exc_info=e)
     return APIError(500, f"internal error: {type(e).__name__}")
+
+
+async def merge_streams(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Chunks of several prompts' requests as they come, tagged with the prompt's position."""
+    if len(handles) == 1:
+        async for c in handles[0]:
+            yield 0, c
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, h: RequestHandle) -> None:
+        try:
+            async for c in h:
+                queue.put_nowait((i, c))
+        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
+            queue.put_nowait((i, e))
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        open_ = len(tasks)
+        while open_:
+            i, c = await queue.get()
+            if c is None:
+                open_ -= 1
+            elif isinstance(c, Exception):
+                raise c
+            else:
+                yield i, c
+    finally:  # cancelling the pumps closes their handles, which aborts unfinished requests
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,13 +1,12 @@
 """/v1/completions: prompts as text or token ids (one or a batch), echo, logprobs, streaming."""
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import AsyncIterator
 
 from radixserve.managers.tokenizer_manager import GenerationChunk, RequestHandle
-from radixserve.server.common import ServingContext, sse
+from radixserve.server.common import ServingContext, merge_streams, sse
 from radixserve.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 
 
@@ -57,39 +56,6 @@ class _Choice:
         return offset
 
 
-async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    """Chunks of several prompts' requests as they come, tagged with the prompt's position."""
-    if len(handles) == 1:
-        async for c in handles[0]:
-            yield 0, c
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, h: RequestHandle) -> None:
-        try:
-            async for c in h:
-                queue.put_nowait((i, c))
-        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
-            queue.put_nowait((i, e))
-        queue.put_nowait((i, None))
-
-    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-    try:
-        open_ = len(tasks)
-        while open_:
-            i, c = await queue.get()
-            if c is None:
-                open_ -= 1
-            elif isinstance(c, Exception):
-                raise c
-            else:
-                yield i, c
-    finally:  # cancelling the pumps closes their handles, which aborts unfinished requests
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 async def create_completion(ctx: ServingContext, req: CompletionRequest) -> tuple[list[RequestHandle], object]:
     ctx.check_model(req.model)
     prompts = _prompts(ctx, req.prompt)
@@ -111,7 +77,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest) -> tupl
 
 
 async def _collect(ctx, req: CompletionRequest, handles, choices: list[_Choice], prompt_lens) -> CompletionResponse:
-    async for p, c in _merged(handles):
+    async for p, c in merge_streams(handles):
         choices[p * req.n + c.index].add(c)
     completion = sum(ch.final.completion_tokens for ch in choices)
     cached = sum(choices[p * req.n].final.cached_tokens for p in range(len(handles)))
@@ -140,7 +106,7 @@ async def _stream(ctx, req: CompletionRequest, handles, choices: list[_Choice], 
     if req.echo:
         for ch in choices:
             yield event(CompletionChoice(index=ch.index, text=ch.text, finish_reason=None))
-    async for p, c in _merged(handles):
+    async for p, c in merge_streams(handles):
         ch = choices[p * req.n + c.index]
         completion[ch.index], cached[p] = c.completion_tokens, c.cached_tokens
         piece = ch.add(c)

@@ -1,0 +1,56 @@
+"""SGLang's native /generate: text or input_ids (one or a batch), sampling_params as a dict, results in
+SGLang's shape (text, output_ids, meta_info); streamed as cumulative results."""
+from __future__ import annotations
+
+from radixserve.managers.tokenizer_manager import RequestHandle, SequenceResult
+from radixserve.sampling.params import SamplingParams
+from radixserve.server.common import ServingContext, merge_streams, sse
+from radixserve.server.errors import bad_request
+from radixserve.server.protocol import GenerateRequest
+
+
+def create_generate(ctx: ServingContext, req: GenerateRequest) -> tuple[list[RequestHandle], object]:
+    sp = dict(req.sampling_params or {})
+    if req.return_logprob:
+        sp.setdefault("logprobs", True)
+        sp.setdefault("top_logprobs", req.top_logprobs_num)
+    try:
+        params = SamplingParams.from_dict(sp)
+    except ValueError as e:
+        raise bad_request(str(e), param="sampling_params") from None
+    if req.text is not None:
+        single = isinstance(req.text, str)
+        prompts = [ctx.tm.tokenize(t) for t in ([req.text] if single else req.text)]
+    else:
+        single = bool(req.input_ids) and isinstance(req.input_ids[0], int)
+        prompts = [req.input_ids] if single else list(req.input_ids)
+    if not prompts or not all(prompts):
+        raise bad_request("the prompt is empty")
+    for ids in prompts:
+        if len(ids) >= ctx.tm.context_length:
+            raise bad_request(f"the prompt has {len(ids)} tokens; the context length is {ctx.tm.context_length}")
+    handles: list[RequestHandle] = []
+    try:
+        for ids in prompts:
+            handles.append(ctx.tm.submit(ids, params, rid=req.rid if single else None))
+    except Exception:
+        for h in handles:
+            h.close()
+        raise
+    results = [[SequenceResult() for _ in range(params.n)] for _ in handles]
+
+    def result(p: int, i: int) -> dict:
+        return results[p][i].to_dict(handles[p].sub_rids[i])
+
+    async def stream():
+        async for p, c in merge_streams(handles):
+            results[p][c.index].add(c)
+            yield sse({**result(p, c.index), "index": p * params.n + c.index})
+
+    async def collect():
+        async for p, c in merge_streams(handles):
+            results[p][c.index].add(c)
+        out = [result(p, i) for p in range(len(handles)) for i in range(params.n)]
+        return out[0] if single and params.n == 1 else out
+
+    return handles, stream() if req.stream else collect()
