@@ -52,9 +52,12 @@ async def _http_run(base: str, prompts, args) -> float:
             async for _ in stream:
                 pass
 
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-    return time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        return time.perf_counter() - start
+    finally:
+        await client.close()
 
 
 def bench_http(prompts, args) -> float:
