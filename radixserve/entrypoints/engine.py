@@ -37,6 +37,9 @@ class Engine:
     async def _create(self) -> TokenizerManager:
         return TokenizerManager(self.args)
 
+    async def _submit(self, ids: list[int], params: SamplingParams):
+        return self.tokenizer_manager.submit(ids, params)
+
     async def _close(self) -> None:
         await self.tokenizer_manager.stop_receiving()
         self.tokenizer_manager.shutdown()
@@ -63,12 +66,12 @@ class Engine:
             params = [_to_params(sampling_params)] * len(ids)
         return ids, params, single
 
-    async def _run_one(self, ids: list[int], params: SamplingParams, rid: str | None = None) -> list[dict]:
+    async def _run_one(self, ids: list[int], params: SamplingParams) -> list[dict]:
         results = [SequenceResult() for _ in range(params.n)]
-        rid = rid or None
-        async for chunk in self.tokenizer_manager.generate(ids, params, rid=rid):
+        handle = self.tokenizer_manager.submit(ids, params)
+        async for chunk in handle:
             results[chunk.index].add(chunk)
-        return [r.to_dict(f"{rid or 'req'}-{i}" if params.n > 1 else (rid or "req")) for i, r in enumerate(results)]
+        return [r.to_dict(sub) for r, sub in zip(results, handle.sub_rids)]
 
     async def _run_all(self, ids, params) -> list[list[dict]]:
         return await asyncio.gather(*(self._run_one(i, p) for i, p in zip(ids, params)))
@@ -98,7 +101,8 @@ class Engine:
         return out[0] if params[0].n == 1 else out
 
     async def _stream(self, ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
-        agen = self.tokenizer_manager.generate(ids, params)
+        handle = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._submit(ids, params), self._loop))
+        agen = handle.__aiter__()
         try:
             while True:
                 fut = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)

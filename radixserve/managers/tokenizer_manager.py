@@ -183,12 +183,6 @@ class TokenizerManager:
         self.num_active += params.n
         return handle
 
-    async def generate(self, input_ids: list[int], params: SamplingParams, rid: str | None = None,
-                       namespace: str | None = None) -> AsyncIterator[GenerationChunk]:
-        """submit() and stream its chunks."""
-        async for chunk in self.submit(input_ids, params, rid, namespace):
-            yield chunk
-
     def _release(self, sub_rids: list[str]) -> None:
         for sub in sub_rids:
             state = self._seqs.pop(sub, None)
