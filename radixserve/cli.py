@@ -9,6 +9,7 @@ import sys
 import types
 import typing
 
+from radixserve.bench.run import add_bench_args, bench as run_bench
 from radixserve.config import ServerArgs
 
 
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_server_args(serve)
     serve.set_defaults(func=_serve)
+
+    bench = commands.add_parser("bench", help="benchmark one or more OpenAI-compatible servers",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_args(bench)
+    bench.set_defaults(func=run_bench)
 
     gen = commands.add_parser("generate", help="generate a completion for one prompt offline",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
