@@ -192,9 +192,6 @@ class TokenizerManager:
             if not state.finished and not self.dead:
                 self._send_msg(AbortReq(sub))
 
-    def abort(self, rid: str) -> None:
-        self._send_msg(AbortReq(rid))
-
     async def flush_cache(self) -> Stats:
         return await self._ask(FlushCacheReq())
 
