@@ -1,6 +1,8 @@
 """Helpers for driving the Scheduler in-process: run requests to completion, check KV bookkeeping."""
 from __future__ import annotations
 
+import random
+
 from collections.abc import Callable, Iterable
 
 import torch
@@ -168,3 +170,17 @@ class ComputeLog:
 
     def total(self) -> int:
         return sum(n for step in self.steps for _, _, n in step)
+
+
+VOCAB = 49152  # tiny model (tests/conftest.py)
+
+
+def rand_ids(n: int, seed: int) -> list[int]:
+    """Random prompt ids, avoiding the special ids 0..2 (EOS is 2)."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+def sampled(max_new_tokens: int, seed: int, **kw) -> SamplingParams:
+    kw.setdefault("temperature", 1.0)
+    return SamplingParams(max_new_tokens=max_new_tokens, seed=seed, **kw)
