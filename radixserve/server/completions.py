@@ -23,9 +23,8 @@ def _prompts(ctx: ServingContext, prompt) -> list[list[int]]:
 class _Choice:
     """One choice's text and logprobs in the completions shape (text_offset counts characters)."""
 
-    def __init__(self, ctx: ServingContext, index: int, prompt_ids: list[int], echo: bool, want_logprobs: bool):
-        self.ctx, self.index, self.prompt_ids = ctx, index, prompt_ids
-        self.text = ctx.tm.tokenizer.decode(prompt_ids) if echo else ""
+    def __init__(self, ctx: ServingContext, index: int, prompt_ids: list[int], echo_text: str, want_logprobs: bool):
+        self.ctx, self.index, self.prompt_ids, self.text = ctx, index, prompt_ids, echo_text
         self.logprobs = CompletionLogprobs() if want_logprobs else None
         self.final: GenerationChunk | None = None
 
@@ -70,7 +69,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest) -> tupl
         for h in handles:
             h.close()
         raise
-    choices = [_Choice(ctx, p * req.n + i, prompts[p], req.echo, req.logprobs is not None)
+    echoes = [ctx.tm.tokenizer.decode(ids) if req.echo else "" for ids in prompts]  # once per prompt, not per choice
+    choices = [_Choice(ctx, p * req.n + i, prompts[p], echoes[p], req.logprobs is not None)
                for p in range(len(prompts)) for i in range(req.n)]
     run = (_stream if req.stream else _collect)(ctx, req, handles, choices, [len(ids) for ids in prompts])
     return handles, run
