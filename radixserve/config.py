@@ -35,6 +35,12 @@ class ServerArgs:
     tokenizer_path: str | None = _flag(None, "tokenizer folder or file if not the model's own")
     served_model_name: str | None = _flag(None, "the model id clients use; default: the model path")
     chat_template: str | None = _flag(None, "a Jinja chat template (file path or inline) instead of the model's")
+    tool_call_parser: str = _flag(
+        "hermes", "how the model writes tool calls; every supported family (SmolLM2, Hermes, Qwen2.5, Qwen3) "
+        "writes <tool_call>{...}</tool_call>", ("hermes", "qwen25", "qwen3", "qwen"))
+    reasoning_parser: str | None = _flag(
+        None, "separate <think>...</think> into reasoning_content: qwen3 (thinking optional), deepseek-r1 "
+        "(the output starts inside the reasoning)", ("qwen3", "deepseek-r1"))
     host: str = _flag("127.0.0.1", "address to listen on")
     port: int = _flag(30000, "port to listen on")
     api_key: str | None = _flag(None, "require `Authorization: Bearer <key>` on every route but /health and /metrics")

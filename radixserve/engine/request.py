@@ -34,6 +34,11 @@ class Request:
     finish_reason: str | None = None
     matched_stop: int | None = None
 
+    # Output constraint: the compilation (a Future) until it is ready, then the request's own
+    # grammar matcher, advanced by every accepted token (it survives preemption).
+    grammar: Any = None
+    matcher: Any = None
+
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

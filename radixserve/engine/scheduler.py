@@ -13,12 +13,15 @@ import torch
 import zmq
 
 from radixserve.config import ServerArgs
+from radixserve.constrained.backend import GrammarBackend
+from radixserve.constrained.grammar import tokenizer_vocab
 from radixserve.engine.batch import build_batch
 from radixserve.engine.kv_manager import KVManager
 from radixserve.engine.policy import plan_step
 from radixserve.engine.request import Request
 from radixserve.managers.messages import (AbortReq, BatchOutput, EngineInput, FlushCacheReq, GenerateReq,
                                           Stats, StatsReq, TokenOutput)
+from radixserve.model.loader import load_tokenizer
 from radixserve.model.runner import ModelRunner
 from radixserve.sampling.sampler import Sampler
 
@@ -26,7 +29,10 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, args: ServerArgs, runner: ModelRunner | None = None):
+    def __init__(self, args: ServerArgs, runner: ModelRunner | None = None,
+                 grammar_vocab: tuple[list[str], str] | None = None):
+        """grammar_vocab: the tokenizer as constrained.grammar.tokenizer_vocab gives it (the API process
+        sends it); without it the tokenizer is loaded when the first constrained request arrives."""
         self.args = args
         self.runner = runner or ModelRunner(args)
         self.kv = KVManager(self.runner.kv, args.disable_radix_cache)
@@ -37,6 +43,9 @@ class Scheduler:
         self.max_seq_len = min(self.runner.context_length, self.kv.capacity)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.compiling: list[Request] = []  # waiting for their grammar; not yet schedulable
+        self._grammar_vocab = grammar_vocab
+        self._grammar: GrammarBackend | None = None
         self.by_rid: dict[str, Request] = {}
         self.outputs: list[TokenOutput] = []
         self._rng = random.Random(args.random_seed)
@@ -53,7 +62,35 @@ class Scheduler:
         req = Request(msg.rid, list(msg.input_ids), msg.params, seed, msg.group, msg.namespace,
                       order=next(self._order), want_prompt_logprobs=msg.prompt_logprobs)
         self.by_rid[req.rid] = req
-        self.waiting.append(req)
+        if msg.params.grammar is None:
+            self.waiting.append(req)
+        else:
+            req.grammar = self.grammar.compile(*msg.params.grammar)
+            self.compiling.append(req)
+
+    @property
+    def grammar(self) -> GrammarBackend:
+        if self._grammar is None:
+            vocab = self._grammar_vocab or tokenizer_vocab(load_tokenizer(self.args.model_path,
+                                                                          self.args.tokenizer_path))
+            self._grammar = GrammarBackend(*vocab, vocab_size=self.runner.config.vocab_size,
+                                           stop_token_ids=sorted(self.eos_ids),
+                                           max_rows=self.args.max_running_requests)
+        return self._grammar
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar finished compiling become schedulable, in arrival order."""
+        for req in [r for r in self.compiling if r.grammar.done()]:
+            self.compiling.remove(req)
+            try:
+                req.matcher = self.grammar.matcher(req.grammar.result())
+            except Exception as e:  # noqa: BLE001 - the API process checked the spec; report anything left
+                logger.warning("grammar compilation failed for %s: %s", req.rid, e)
+                req.finish_reason = "error"
+                self._finish(req, TokenOutput(req.rid, error=f"the output constraint failed to compile: {e}",
+                                              prompt_tokens=len(req.prompt_ids)))
+                continue
+            self.waiting.append(req)
 
     def _check(self, msg: GenerateReq) -> str | None:
         n = len(msg.input_ids)
@@ -75,6 +112,8 @@ class Scheduler:
             return  # already finished: nothing to free
         if req in self.running:
             self.running.remove(req)
+        elif req in self.compiling:
+            self.compiling.remove(req)
         else:
             self.waiting.remove(req)
         req.finish_reason = "abort"
@@ -96,10 +135,14 @@ class Scheduler:
         return True
 
     def stats(self, flushed: bool = False) -> Stats:
-        return Stats(num_running=len(self.running), num_waiting=len(self.waiting), kv_total=self.kv.capacity,
+        return Stats(num_running=len(self.running), num_waiting=len(self.waiting) + len(self.compiling), kv_total=self.kv.capacity,
                      kv_free=self.kv.free_slots(), kv_cached=self.kv.cached_tokens(), flushed=flushed)
 
     def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self.compiling)
+
+    def runnable(self) -> bool:
+        """Work a step can do now (requests still compiling their grammar cannot run yet)."""
         return bool(self.running or self.waiting)
 
     def take_outputs(self) -> list[TokenOutput]:
@@ -108,6 +151,8 @@ class Scheduler:
 
     # ---- one step
     def step(self) -> None:
+        if self.compiling:
+            self._admit_compiled()
         plan = plan_step(self.running, self.waiting, self.kv, self.args.max_running_requests,
                          self.args.chunked_prefill_size)
         for req in plan.admitted:
@@ -144,7 +189,10 @@ class Scheduler:
     def _process_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
         rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
         steps = torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64)
-        out = self.sampler.sample(logits, rows, steps)
+        matchers = [r.matcher for r in reqs]
+        constrained = any(m is not None for m in matchers)
+        bitmask = self.grammar.bitmask(matchers) if constrained else None
+        out = self.sampler.sample(logits, rows, steps, token_bitmask=bitmask)
         self.sampler.record(rows, out.next_ids)
         ids = out.next_ids.tolist()
         lps = out.logprobs.tolist() if out.logprobs is not None else None
@@ -168,7 +216,9 @@ class Scheduler:
                 res.logprob = lps[i]
                 if p.top_logprobs and top is not None:
                     res.top_logprobs = top[i][:p.top_logprobs]
-            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            # A grammar ends the output once complete (its stop token accepted), ignore_eos or not.
+            grammar_done = req.matcher is not None and self._advance_grammar(req, tok)
+            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids or grammar_done:
                 req.finish_reason, req.matched_stop = "stop", tok
             elif len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.max_seq_len:
                 req.finish_reason = "length"
@@ -179,11 +229,21 @@ class Scheduler:
                 self.outputs.append(res)
 
 
-def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready) -> None:
+    @staticmethod
+    def _advance_grammar(req: Request, tok: int) -> bool:
+        """Feed the sampled token to the request's matcher; True when the constrained output is complete."""
+        if not req.matcher.accept_token(tok):  # the bitmask allowed it, so this is a backend fault
+            logger.error("grammar rejected token %d of %s", tok, req.rid)
+            return True
+        return req.matcher.is_terminated()
+
+
+def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready,
+                       grammar_vocab: tuple[list[str], str] | None = None) -> None:
     """Entry point of the engine process: load, report readiness on `ready` (a Pipe end), then loop."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s")
     try:
-        scheduler = Scheduler(args)
+        scheduler = Scheduler(args, grammar_vocab=grammar_vocab)
     except Exception as e:  # report load failures to the parent instead of dying silently
         logger.exception("engine failed to start")
         ready.send({"error": f"{type(e).__name__}: {e}"})
@@ -206,7 +266,9 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready) -> 
     try:
         while True:
             # Idle: block (waking every second to notice an orphaned engine); busy: just drain.
-            if not scheduler.has_work() and not recv.poll(1000):
+            # Only grammars compiling: wait briefly, leaving the CPU to the compiler thread.
+            if not scheduler.runnable() and not recv.poll(2 if scheduler.compiling else 1000) \
+                    and not scheduler.compiling:
                 if os.getppid() != parent:
                     return
                 continue

@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from radixserve.config import ServerArgs
+from radixserve.constrained.grammar import check_constraint, tokenizer_vocab
 from radixserve.engine.scheduler import run_engine_process
 from radixserve.managers.detokenizer import IncrementalDetokenizer
 from radixserve.managers.messages import (AbortReq, BatchOutput, EngineOutput, FlushCacheReq, GenerateReq,
@@ -122,7 +123,8 @@ class TokenizerManager:
         in_addr, out_addr = f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out"
         ctx = mp.get_context("spawn")
         parent_end, child_end = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=run_engine_process, args=(args, in_addr, out_addr, child_end),
+        self.proc = ctx.Process(target=run_engine_process,
+                                args=(args, in_addr, out_addr, child_end, tokenizer_vocab(self.tokenizer)),
                                 daemon=True, name="radixserve-engine")
         self.proc.start()
         child_end.close()
@@ -159,6 +161,7 @@ class TokenizerManager:
         """Admit a request (or raise OverloadedError at once) and send its params.n sequences to the engine."""
         if self.dead:
             raise EngineDeadError("the engine process is not running")
+        check_constraint(params)
         limit = self.args.max_queued_requests
         if limit is not None and params.n > self.args.max_running_requests + limit:
             raise ValueError(f"n={params.n} exceeds what this server admits at once "

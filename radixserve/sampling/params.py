@@ -1,6 +1,7 @@
 """Per-request sampling parameters with validation."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 # temperature overflows float32 and would turn the softmax into NaNs.
 GREEDY_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 def _is_int(v: Any) -> bool:
@@ -38,6 +40,12 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    # Output constraints (at most one), enforced token by token: a JSON schema (as JSON text), a regex,
+    # an EBNF grammar, or an xgrammar structural tag (as JSON text; tool calls are built this way).
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
         # OpenAI-style clients send a single stop string; normalise so the
@@ -46,6 +54,10 @@ class SamplingParams:
             self.stop = [self.stop]
         elif isinstance(self.stop, tuple):
             self.stop = list(self.stop)
+        # Python callers may give a schema or structural tag as a dict; the engine keys them by text.
+        for name in ("json_schema", "structural_tag"):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, json.dumps(getattr(self, name)))
         if isinstance(self.stop_token_ids, tuple):
             self.stop_token_ids = list(self.stop_token_ids)
         # Alternatives are meaningless without the chosen token's logprob.
@@ -106,6 +118,12 @@ class SamplingParams:
             raise bad("n", "an int")
         if self.n < 1:
             raise bad("n", ">= 1")
+        given = [name for name in GRAMMAR_KINDS if getattr(self, name) is not None]
+        for name in given:
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "a string")
+        if len(given) > 1:
+            raise ValueError(f"give at most one output constraint; got {', '.join(given)}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
@@ -117,6 +135,15 @@ class SamplingParams:
         params = cls(**d)
         params.validate()
         return params
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(kind, spec) of the output constraint, if any."""
+        for kind in GRAMMAR_KINDS:
+            spec = getattr(self, kind)
+            if spec is not None:
+                return kind, spec
+        return None
 
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE

@@ -70,6 +70,7 @@ class Sampler:
         self._i_dev = self._i_host if on_cpu else self._i_host.to(self.device)
         self._dirty = False
         self._positions = torch.arange(vocab_size, device=self.device)
+        self._bit_shifts = torch.arange(32, dtype=torch.int32, device=self.device)
         # Per-token offsets of the splitmix64 stream (state advances by GOLDEN).
         self._tok_offsets = torch.arange(1, vocab_size + 1, device=self.device) * _GOLDEN
         # [max_rows, V] tables are big; only pay for them once penalties are used.
@@ -138,10 +139,11 @@ class Sampler:
         logits: torch.Tensor,
         rows: torch.Tensor,
         steps: torch.Tensor,
-        vocab_mask: torch.Tensor | None = None,
+        token_bitmask: torch.Tensor | None = None,
     ) -> SampleOutput:
         """logits float32 [B, V]; rows int64 [B]; steps int64 [B] (tokens generated so far,
-        the RNG counter); vocab_mask optional bool [B, V], True = allowed."""
+        the RNG counter); token_bitmask optional int32 [B, ceil(V/32)], bit t%32 of word t//32 set =
+        token t allowed (a grammar's mask; logprobs then describe the constrained distribution)."""
         self._sync_tables()
         dev = self.device
         rows_host = rows.cpu()
@@ -151,10 +153,10 @@ class Sampler:
         all_greedy = bool(flags[:, _F_GREEDY].all())
         logits = logits.to(dev, torch.float32)
 
-        # Logprobs describe the model's own distribution, before any processing.
+        if token_bitmask is not None:
+            logits = logits.masked_fill(~self._unpack(token_bitmask.to(dev)), _NEG_INF)
+        # Logprobs describe the model's distribution (within the grammar), before penalties and filters.
         logp = torch.log_softmax(logits, dim=-1) if any_lp else None
-        if vocab_mask is not None:
-            logits = logits.masked_fill(~vocab_mask.to(dev), _NEG_INF)
         if any_pen:
             logits = self._apply_penalties(logits, rows_d, flags[:, _F_PENALTY])
 
@@ -178,6 +180,11 @@ class Sampler:
             if k > 0:
                 top_lps, top_ids = logp.topk(k, dim=-1)
         return SampleOutput(next_ids, lps, top_ids, top_lps)
+
+    def _unpack(self, bitmask: torch.Tensor) -> torch.Tensor:
+        """Packed int32 bitmask [B, W] → bool [B, V]."""
+        bits = (bitmask.unsqueeze(-1) >> self._bit_shifts) & 1
+        return bits.view(bitmask.shape[0], -1)[:, :self.vocab_size].bool()
 
     def _apply_penalties(
         self, logits: torch.Tensor, rows_d: torch.Tensor, has_pen: torch.Tensor

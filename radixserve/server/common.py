@@ -53,8 +53,9 @@ class ServingContext:
                        code="model_not_found", param="model")
 
     def sampling_params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool,
-                        top_logprobs: int) -> SamplingParams:
-        """The engine's parameters for one prompt, with the context-length checks that need its length."""
+                        top_logprobs: int, constraint: dict[str, str] | None = None) -> SamplingParams:
+        """The engine's parameters for one prompt, with the context-length checks that need its length.
+        constraint: an output constraint the endpoint built itself (tool calls); else the request's own."""
         ctx = self.tm.context_length
         if prompt_len >= ctx:
             raise bad_request(f"This model's maximum context length is {ctx} tokens; the prompt has "
@@ -69,7 +70,7 @@ class ServingContext:
             "max_new_tokens": max_tokens, "n": req.n, "stop": req.stop or [], "stop_token_ids": req.stop_token_ids or [],
             "seed": req.seed, "ignore_eos": req.ignore_eos, "skip_special_tokens": req.skip_special_tokens,
             "spaces_between_special_tokens": req.spaces_between_special_tokens, "logprobs": logprobs,
-            "top_logprobs": top_logprobs,
+            "top_logprobs": top_logprobs, **(constraint or output_constraint(req)),
         }
         for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
                      "repetition_penalty"):
@@ -106,6 +107,20 @@ class ServingContext:
         if byte:
             return [int(byte.group(1), 16)]
         return list(self.token_text(token_id).encode())
+
+
+def output_constraint(req: _Sampling) -> dict[str, str]:
+    """The request's response_format / regex / ebnf as SamplingParams fields (checked on submission)."""
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        return {"json_schema": json.dumps({"type": "object"})}
+    if fmt is not None and fmt.type == "json_schema":
+        return {"json_schema": json.dumps(fmt.json_schema.schema_)}
+    if req.regex is not None:
+        return {"regex": req.regex}
+    if req.ebnf is not None:
+        return {"ebnf": req.ebnf}
+    return {}
 
 
 def sse(payload) -> str:

@@ -5,7 +5,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_TOP_LOGPROBS = 20
 
@@ -19,6 +19,25 @@ class _Request(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class JsonSchemaSpec(_Request):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(True, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema must be given exactly when type is 'json_schema'")
+        return self
 
 
 class _Sampling(_Request):
@@ -44,6 +63,10 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     return_cached_tokens_details: bool = False
+    # Output constraints: OpenAI's response_format, SGLang's regex and ebnf (at most one).
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
     # Accepted for compatibility with OpenAI clients; they do not change generation.
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -55,6 +78,11 @@ class _Sampling(_Request):
             raise ValueError("top_k must be -1 (disabled) or >= 1")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        given = [name for name, on in (("response_format", self.response_format is not None
+                                         and self.response_format.type != "text"),
+                                        ("regex", self.regex is not None), ("ebnf", self.ebnf is not None)) if on]
+        if len(given) > 1:
+            raise ValueError(f"give at most one output constraint; got {', '.join(given)}")
         return self
 
 
@@ -72,6 +100,27 @@ class ToolCall(BaseModel):
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatMessage(_Request):
@@ -96,6 +145,35 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    separate_reasoning: bool = True  # with --reasoning-parser: reasoning_content apart from content
+
+    @model_validator(mode="after")
+    def _check_tools(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        if self.tool_choice is not None and self.tool_choice != "none" and not names:
+            raise ValueError("tool_choice is only allowed when tools are given")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names the function {self.tool_choice.function.name!r}, which is not "
+                             f"among the tools ({', '.join(names)})")
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if forced and (self.regex is not None or self.ebnf is not None or (
+                self.response_format is not None and self.response_format.type != "text")):
+            raise ValueError("a required or named tool_choice cannot be combined with another output constraint")
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """none | auto | required | named: what the tools (if any) mean for this request."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -172,6 +250,15 @@ class ChoiceLogprobs(BaseModel):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _always_content(self, handler):
+        # OpenAI sends "content": null when the answer is only tool calls; keep the key.
+        out = handler(self)
+        out.setdefault("content", self.content)
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -191,9 +278,23 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -5,6 +5,10 @@ One ModelRunner is loaded for the module and shared by every Scheduler (they sha
 are used one at a time, and the previous one's cache is flushed before the next is built)."""
 from __future__ import annotations
 
+import json
+import re
+
+import jsonschema
 import pytest
 
 from radixserve.config import ServerArgs
@@ -151,3 +155,32 @@ def test_natural_eos(real, prompts, runner):
     fin = run.final("r")
     assert run.tokens("r") == full[:eos + 1]
     assert (fin.finish_reason, fin.matched_stop) == ("stop", full[eos])
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"]}
+CODE = r"[0-9]{3}-[a-z]{4}"
+
+
+def test_constrained_neighbours_leave_free_requests_unchanged(real, prompts, tokenizer, runner):
+    """A batch mixing grammar-constrained requests with free ones: the free ones decode exactly as they do
+    without them, and the constrained ones follow their grammar to a complete output."""
+    params = greedy(16, ignore_eos=True)
+    free = {rid: prompts[rid] for rid in ("p1", "p4", "p6")}
+    alone = drive(real(disable_radix_cache=True), [req(rid, p, params) for rid, p in free.items()])
+    s = real(disable_radix_cache=True)
+    schema = json.dumps(PERSON)
+    for kind, spec in (("json_schema", schema), ("regex", CODE)):
+        s.grammar.compile(kind, spec).result()  # compiled before the first step: deterministic batches
+    constrained = [req("json", prompts["p2"], sampled(60, seed=3, json_schema=schema)),
+                   req("regex", prompts["p3"], greedy(20, regex=CODE))]
+    mixed = drive(s, [req(rid, p, params) for rid, p in free.items()] + constrained)
+    assert {rid: mixed.tokens(rid) for rid in free} == {rid: alone.tokens(rid) for rid in free}
+    eos = set(runner.config.eos_token_ids)
+    for rid in ("json", "regex"):
+        fin = mixed.final(rid)
+        assert fin.finish_reason == "stop" and fin.matched_stop in eos, rid
+    jsonschema.validate(json.loads(tokenizer.decode(mixed.tokens("json")[:-1])), PERSON)
+    assert re.fullmatch(CODE, tokenizer.decode(mixed.tokens("regex")[:-1]))
+

@@ -148,9 +148,7 @@ def test_logprobs_are_raw_log_softmax():
     s.set_row(2, SamplingParams(temperature=0.8, top_logprobs=5, top_k=4), [1])
     s.set_row(3, SamplingParams(), [1])
     logits = torch.randn(4, V) * 3
-    mask = torch.rand(4, V) > 0.3
-    mask[:, 0] = True
-    out = s.sample(logits, torch.tensor([0, 1, 2, 3]), torch.arange(4), vocab_mask=mask)
+    out = s.sample(logits, torch.tensor([0, 1, 2, 3]), torch.arange(4))
     ref = torch.log_softmax(logits, -1)
     assert torch.allclose(out.logprobs, ref.gather(1, out.next_ids[:, None]).squeeze(1), atol=1e-6)
     assert out.top_ids.shape == (4, 5) and out.top_logprobs.dtype == torch.float32
@@ -161,21 +159,46 @@ def test_logprobs_are_raw_log_softmax():
     assert only_lp.logprobs is not None and only_lp.top_ids is None
 
 
-def test_vocab_mask_applies_to_greedy_and_sampled():
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, V] → the grammar backend's packed int32 bitmask [B, ceil(V/32)]."""
+    B, V = mask.shape
+    padded = torch.zeros(B, (V + 31) // 32 * 32, dtype=torch.int64)
+    padded[:, :V] = mask.long()
+    words = (padded.view(B, -1, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def test_token_bitmask_applies_to_greedy_and_sampled():
     torch.manual_seed(5)
-    V = 16
+    V = 40  # two bitmask words, the second one partly used
     s = Sampler(64, V, CPU)
     for r in range(64):
         s.set_row(r, SamplingParams(temperature=0 if r % 2 == 0 else 1.5), [], seed=r)
     logits = torch.randn(64, V)
     mask = torch.zeros(64, V, dtype=torch.bool)
-    mask[:, [3, 7, 11]] = True
+    mask[:, [3, 7, 31, 38]] = True
     mask[0, 3] = False  # row-specific mask
+    mask[1] = True  # an unconstrained row in the same batch
     for t in range(5):
-        ids = s.sample(logits, torch.arange(64), torch.full((64,), t), vocab_mask=mask).next_ids
+        ids = s.sample(logits, torch.arange(64), torch.full((64,), t), token_bitmask=_pack(mask)).next_ids
         assert mask.gather(1, ids[:, None]).all()
         masked = logits.masked_fill(~mask, float("-inf"))
         assert torch.equal(ids[0::2], masked[0::2].argmax(-1))
+
+
+def test_logprobs_under_a_bitmask_describe_the_allowed_tokens():
+    torch.manual_seed(6)
+    V = 50
+    s = Sampler(2, V, CPU)
+    s.set_row(0, SamplingParams(temperature=0, top_logprobs=3), [1])
+    s.set_row(1, SamplingParams(temperature=1.0, logprobs=True), [1], seed=1)
+    logits = torch.randn(2, V)
+    mask = torch.rand(2, V) > 0.5
+    mask[:, 0] = True
+    out = s.sample(logits, torch.tensor([0, 1]), torch.tensor([0, 0]), token_bitmask=_pack(mask))
+    ref = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), -1)
+    assert torch.allclose(out.logprobs, ref.gather(1, out.next_ids[:, None]).squeeze(1), atol=1e-6)
+    assert mask.gather(1, out.top_ids).all()
 
 
 PEN_CASES = [

@@ -1,0 +1,1 @@
+"""Grammar-constrained output (xgrammar): JSON schema, regex, EBNF and tool-call grammars."""
