@@ -141,6 +141,14 @@ def _tool_constraint(ctx: ServingContext, req: ChatCompletionRequest) -> dict[st
     return {"structural_tag": tag}
 
 
+def _logprobs(ctx: ServingContext, chunk: GenerationChunk) -> ChoiceLogprobs:
+    content = []
+    for tok, lp, top in chunk.logprobs:
+        content.append(TokenLogprob(token=ctx.token_text(tok), logprob=lp, bytes=ctx.token_bytes(tok), top_logprobs=[
+            TopLogprob(token=ctx.token_text(t), logprob=p, bytes=ctx.token_bytes(t)) for t, p in top]))
+    return ChoiceLogprobs(content=content)
+
+
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[RequestHandle, object]:
     """Validate and submit; returns the handle and either a response builder (await it) or an SSE iterator."""
     ctx.check_model(req.model)

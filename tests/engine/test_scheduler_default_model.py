@@ -14,7 +14,7 @@ import pytest
 from radixserve.config import ServerArgs
 from radixserve.engine.scheduler import Scheduler
 from radixserve.model.runner import ModelRunner
-from sched_util import drive, greedy, req, solo
+from sched_util import drive, greedy, req, sampled, solo
 
 TEXTS = [
     "Hi",

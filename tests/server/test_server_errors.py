@@ -28,7 +28,7 @@ BAD_CHAT = [
     ("messages-string", {"messages": "Hello"}, "messages: input should be a valid list"),
     ("temperature-string", {"temperature": "hot"}, "temperature: input should be a valid number"),
     ("max_tokens-float", {"max_tokens": 2.5}, "max_tokens"),
-    ("unknown-parameter", {"regex": "a+"}, "unsupported parameter: regex"),
+    ("unknown-parameter", {"regexp": "a+"}, "unsupported parameter: regexp"),
     ("unknown-message-field", {"messages": [{"role": "user", "content": "hi", "colour": "red"}]}, "colour"),
     ("model-missing", {"model": None}, "missing required parameter: model"),
     ("over-context", {"max_tokens": CONTEXT_LENGTH}, "context length"),
@@ -65,8 +65,8 @@ def test_bad_completion_request(server, http, model, change, contains):
 
 
 def test_unknown_parameter_is_named(http, model):
-    body = assert_error(http.post("/v1/chat/completions", json=_chat_body(model, {"regex": "a+"})), 400)
-    assert body["param"] == "regex"
+    body = assert_error(http.post("/v1/chat/completions", json=_chat_body(model, {"guided_choice": ["a"]})), 400)
+    assert body["param"] == "guided_choice"
 
 
 def test_errors_through_the_sdk(client, model):
@@ -75,8 +75,8 @@ def test_errors_through_the_sdk(client, model):
     assert e.value.status_code == 400 and e.value.type == "invalid_request_error"
     assert e.value.body["object"] == "error"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=model, messages=MESSAGES, extra_body={"regex": "a+"})
-    assert "regex" in e.value.message
+        client.chat.completions.create(model=model, messages=MESSAGES, extra_body={"guided_regex": "a+"})
+    assert "guided_regex" in e.value.message
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-nonexistent", messages=MESSAGES)
     assert e.value.code == "model_not_found"
