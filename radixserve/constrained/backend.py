@@ -25,6 +25,8 @@ class GrammarBackend:
         info = xgr.TokenizerInfo.from_vocab_and_metadata(tokens, json.dumps(meta))
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="radixserve-grammar")
+        # Bitmasks are filled on their own thread, during the forward pass (compilations may be long).
+        self._mask_executor = ThreadPoolExecutor(1, thread_name_prefix="radixserve-bitmask")
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._stop_token_ids = sorted(stop_token_ids)
         self._bitmask = xgr.allocate_token_bitmask(max_rows, vocab_size)
@@ -54,5 +56,16 @@ class GrammarBackend:
         self._filler.batch_fill_next_token_bitmask([matchers[i] for i in rows], mask, rows)
         return mask
 
+    def bitmask_async(self, matchers: list[xgr.GrammarMatcher | None]) -> Future:
+        """bitmask() on the bitmask thread, to overlap with the step's forward pass. The matchers must not
+        advance, nor another bitmask be asked for, until the result is taken."""
+        return self._mask_executor.submit(self.bitmask, matchers)
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._mask_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Disallowed tokens' logits to -inf, in place (xgrammar's kernel for the device)."""
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True))

@@ -162,13 +162,17 @@ class Scheduler:
         prefilling = [req for req, _ in plan.entries if req.num_computed < len(req.prompt_ids)]
         slots = self.kv.alloc(sum(n for _, n in plan.entries))
         batch = build_batch(plan.entries, slots, self.kv.pool.req_to_token, self.runner.device)
+        # Grammar bitmasks are filled while the model runs.
+        matchers = [r.matcher for r in batch.sampled]
+        bitmask = self.grammar.bitmask_async(matchers) if any(m is not None for m in matchers) else None
         logits = self.runner.forward(batch.model_input)
         for req, n in plan.entries:
             req.num_computed += n
         for req, first, count, pos in batch.prompt_scores:
             self._score_prompt(req, logits[first:first + count], pos)
         if batch.sampled:
-            self._process_tokens(batch.sampled, logits if batch.sample_rows is None else logits[batch.sample_rows])
+            self._process_tokens(batch.sampled, logits if batch.sample_rows is None else logits[batch.sample_rows],
+                                 bitmask.result() if bitmask is not None else None)
         for req in prefilling:
             if req.row >= 0:  # still running: share its computed prompt (chunk boundary)
                 self.kv.cache_prefix(req)
@@ -186,12 +190,10 @@ class Scheduler:
             tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
         req.prompt_logprobs.extend(zip(targets.tolist(), chosen, tops))
 
-    def _process_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
+    def _process_tokens(self, reqs: list[Request], logits: torch.Tensor, bitmask: torch.Tensor | None) -> None:
+        """Sample the next token of reqs (bitmask: their grammars' allowed tokens) and account it."""
         rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
         steps = torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64)
-        matchers = [r.matcher for r in reqs]
-        constrained = any(m is not None for m in matchers)
-        bitmask = self.grammar.bitmask(matchers) if constrained else None
         out = self.sampler.sample(logits, rows, steps, token_bitmask=bitmask)
         self.sampler.record(rows, out.next_ids)
         ids = out.next_ids.tolist()

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from radixserve.constrained.backend import apply_token_bitmask
 from radixserve.sampling.params import SamplingParams
 
 # Float32 cumsum error would otherwise let an exact top_p boundary
@@ -70,7 +71,6 @@ class Sampler:
         self._i_dev = self._i_host if on_cpu else self._i_host.to(self.device)
         self._dirty = False
         self._positions = torch.arange(vocab_size, device=self.device)
-        self._bit_shifts = torch.arange(32, dtype=torch.int32, device=self.device)
         # Per-token offsets of the splitmix64 stream (state advances by GOLDEN).
         self._tok_offsets = torch.arange(1, vocab_size + 1, device=self.device) * _GOLDEN
         # [max_rows, V] tables are big; only pay for them once penalties are used.
@@ -154,7 +154,7 @@ class Sampler:
         logits = logits.to(dev, torch.float32)
 
         if token_bitmask is not None:
-            logits = logits.masked_fill(~self._unpack(token_bitmask.to(dev)), _NEG_INF)
+            apply_token_bitmask(logits, token_bitmask)  # in place: the caller's logits are spent
         # Logprobs describe the model's distribution (within the grammar), before penalties and filters.
         logp = torch.log_softmax(logits, dim=-1) if any_lp else None
         if any_pen:
@@ -180,11 +180,6 @@ class Sampler:
             if k > 0:
                 top_lps, top_ids = logp.topk(k, dim=-1)
         return SampleOutput(next_ids, lps, top_ids, top_lps)
-
-    def _unpack(self, bitmask: torch.Tensor) -> torch.Tensor:
-        """Packed int32 bitmask [B, W] → bool [B, V]."""
-        bits = (bitmask.unsqueeze(-1) >> self._bit_shifts) & 1
-        return bits.view(bitmask.shape[0], -1)[:, :self.vocab_size].bool()
 
     def _apply_penalties(
         self, logits: torch.Tensor, rows_d: torch.Tensor, has_pen: torch.Tensor
