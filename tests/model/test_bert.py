@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import numpy as np
 import pytest
@@ -19,31 +18,15 @@ from radixserve.config import ServerArgs
 from radixserve.model.bert import EncoderInput
 from radixserve.model.encoder_runner import EncoderRunner
 from radixserve.model.pooling import read_embedding_spec
+from embedding_texts import cosines, make_texts
 from tiny_models import build_tiny_bert
 
 FP32_RTOL = 1e-4  # of the value scale; both sides compute in float32 with different op orders
 MIN_COSINE = 0.9999
 
-_WORDS = ("the a of serving engine batches texts into one forward pass while a radix cache keeps shared "
-          "prefixes an encoder reads every token in both directions embeddings are unit vectors whose "
-          "dot products say how close two sentences are Paris is the capital of France it rains often "
-          "in autumn quantum chromodynamics describes quarks and gluons").split()
-
-
-def make_texts(n: int, seed: int = 0, max_words: int = 150) -> list[str]:
-    """n texts of very different lengths (1 word up to max_words), deterministic."""
-    rng = random.Random(seed)
-    lengths = [1, 2, 5] + [rng.randint(3, max_words) for _ in range(n - 4)] + [max_words]
-    return [" ".join(rng.choice(_WORDS) for _ in range(k)).capitalize() + "." for k in lengths[:n]]
-
-
 def embed(runner: EncoderRunner, ids: list[list[int]], dims=None) -> np.ndarray:
     out = runner.embed(ids, [dims] * len(ids))
     return np.stack([np.frombuffer(b, dtype="<f4") for b in out])
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def make_runner(path: str, **kw) -> EncoderRunner:
