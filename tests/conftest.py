@@ -1,9 +1,9 @@
-"""Shared fixtures: the real default model and tokenizer, and tiny random Llama-family HF folders."""
+"""Shared fixtures: the real default models and tokenizer, and tiny random Llama-family HF folders."""
 from __future__ import annotations
 
 import pytest
 
-from radixserve.config import default_model_path
+from radixserve.config import default_embedding_model_path, default_model_path
 from radixserve.model.loader import load_tokenizer
 from tiny_models import build_tiny_model
 
@@ -11,6 +11,12 @@ from tiny_models import build_tiny_model
 @pytest.fixture(scope="session")
 def default_model() -> str:
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_embedding_model() -> str:
+    """all-MiniLM-L6-v2 as a sentence-transformers folder (BERT, mean pooling, normalised, 384 dims)."""
+    return default_embedding_model_path()
 
 
 @pytest.fixture(scope="session")

@@ -38,3 +38,50 @@ def build_tiny_model(path: str, arch: str, tokenizer_dir: str | None = None, see
         for name in os.listdir(tokenizer_dir):
             shutil.copy(os.path.join(tokenizer_dir, name), path)
     return str(path)
+
+
+BERT_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def build_tiny_bert(path: str, tokenizer_dir: str, pooling: dict | None = None, normalize: bool = True,
+                    sentence_transformers: bool = True, max_seq_length: int = 128, seed: int = 0,
+                    **overrides) -> str:
+    """A random 2-layer BERT saved as a sentence-transformers folder: config.json + model.safetensors,
+    the given tokenizer's files (its vocabulary size is used), modules.json (Transformer → Pooling →
+    Normalize when normalize), 1_Pooling/config.json (`pooling`: that file's keys; default mean) and
+    sentence_bert_config.json. sentence_transformers=False: a bare BertModel folder."""
+    import json
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
+        vocab = len(json.load(f)["model"]["vocab"])
+    cfg = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=max(128, max_seq_length), **overrides)
+    torch.manual_seed(seed)
+    model = BertModel(cfg, add_pooling_layer=True)
+    with torch.no_grad():  # random init is tiny; scale up so token states differ
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif "LayerNorm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    model.save_pretrained(path, safe_serialization=True)
+    for name in BERT_TOKENIZER_FILES:
+        shutil.copy(os.path.join(tokenizer_dir, name), path)
+    if not sentence_transformers:
+        return str(path)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
+    os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(path, "modules.json"), "w") as f:
+        json.dump(modules, f)
+    with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": cfg.hidden_size, **(pooling or {"pooling_mode_mean_tokens": True})}, f)
+    with open(os.path.join(path, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": max_seq_length, "do_lower_case": False}, f)
+    return str(path)

@@ -18,6 +18,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     order: int = 0  # arrival order: the newest running request is preempted first
     want_prompt_logprobs: bool = False
+    dimensions: int | None = None  # an embedding request's Matryoshka truncation
     # (token, logprob, top alternatives) of prompt tokens 1.., sent with the first output token
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 

@@ -19,10 +19,12 @@ from radixserve.engine.batch import build_batch
 from radixserve.engine.kv_manager import KVManager
 from radixserve.engine.policy import plan_step
 from radixserve.engine.request import Request
-from radixserve.managers.messages import (AbortReq, BatchOutput, EngineInput, FlushCacheReq, GenerateReq,
+from radixserve.managers.messages import (AbortReq, BatchOutput, EmbedReq, EngineInput, FlushCacheReq, GenerateReq,
                                           Stats, StatsReq, TokenOutput)
-from radixserve.model.loader import load_tokenizer
+from radixserve.model.loader import embedding_kind, load_tokenizer
+from radixserve.model.pooling import embedding_info, finish
 from radixserve.model.runner import ModelRunner
+from radixserve.sampling.params import SamplingParams
 from radixserve.sampling.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ class Scheduler:
         cfg = self.runner.config
         self.sampler = Sampler(args.max_running_requests, cfg.vocab_size, self.runner.device)
         self.eos_ids = set(cfg.eos_token_ids)
+        # An embedding model's requests are prompts that generate nothing: prefilled like any prompt
+        # (chunked, prefix-cached), then their last token's hidden state is the embedding.
+        self.embedding = self.runner.embedding
         # A sequence never outgrows the context nor the whole pool (then it could never be scheduled).
         self.max_seq_len = min(self.runner.context_length, self.kv.capacity)
         self.waiting: deque[Request] = deque()
@@ -51,21 +56,38 @@ class Scheduler:
         self._rng = random.Random(args.random_seed)
         self._order = itertools.count()
 
+    def info(self) -> dict:
+        """What the API process needs to know about the model (sent once the engine is ready)."""
+        runner = self.runner
+        info = {
+            "context_length": self.max_seq_len, "vocab_size": runner.config.vocab_size,
+            "architecture": runner.config.architecture, "dtype": str(runner.dtype).removeprefix("torch."),
+            "device": str(runner.device), "max_total_tokens": self.kv.capacity,
+            "eos_token_ids": sorted(self.eos_ids), "is_generation": self.embedding is None,
+        }
+        if self.embedding is not None:
+            info.update(embedding_info(self.embedding, runner.embedding_dim, runner.matryoshka_dimensions))
+        return info
+
     # ---- requests in and out
-    def submit(self, msg: GenerateReq) -> None:
+    def submit(self, msg: GenerateReq | EmbedReq) -> None:
         error = self._check(msg)
         if error:
             self.outputs.append(TokenOutput(msg.rid, finish_reason="error", error=error,
                                             prompt_tokens=len(msg.input_ids)))
             return
-        seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
-        req = Request(msg.rid, list(msg.input_ids), msg.params, seed, msg.group, msg.namespace,
-                      order=next(self._order), want_prompt_logprobs=msg.prompt_logprobs)
+        if isinstance(msg, EmbedReq):
+            req = Request(msg.rid, list(msg.input_ids), _EMBED_PARAMS, 0, order=next(self._order),
+                          dimensions=msg.dimensions)
+        else:
+            seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
+            req = Request(msg.rid, list(msg.input_ids), msg.params, seed, msg.group, msg.namespace,
+                          order=next(self._order), want_prompt_logprobs=msg.prompt_logprobs)
         self.by_rid[req.rid] = req
-        if msg.params.grammar is None:
+        if req.params.grammar is None:
             self.waiting.append(req)
         else:
-            req.grammar = self.grammar.compile(*msg.params.grammar)
+            req.grammar = self.grammar.compile(*req.params.grammar)
             self.compiling.append(req)
 
     @property
@@ -92,18 +114,24 @@ class Scheduler:
                 continue
             self.waiting.append(req)
 
-    def _check(self, msg: GenerateReq) -> str | None:
+    def _check(self, msg: GenerateReq | EmbedReq) -> str | None:
         n = len(msg.input_ids)
+        embed = isinstance(msg, EmbedReq)
+        if embed != (self.embedding is not None):
+            return ("this model is served for embeddings only" if self.embedding is not None
+                    else "this model is a generation model: it does not serve embeddings")
         if msg.rid in self.by_rid:
             return f"request id {msg.rid!r} is already in use"
         if n == 0:
-            return "the prompt is empty"
-        if n >= self.max_seq_len:
+            return "the input is empty" if embed else "the prompt is empty"
+        if embed and n > self.max_seq_len:
+            return f"the input has {n} tokens; this model's maximum input length is {self.max_seq_len} tokens"
+        if not embed and n >= self.max_seq_len:
             return (f"the prompt has {n} tokens; this model's context length is {self.max_seq_len} "
                     f"tokens, including at least one generated token")
         vocab = self.runner.config.vocab_size
         if min(msg.input_ids) < 0 or max(msg.input_ids) >= vocab:
-            return f"prompt token ids must be in [0, {vocab})"
+            return f"{'input' if embed else 'prompt'} token ids must be in [0, {vocab})"
         return None
 
     def abort(self, rid: str) -> None:
@@ -155,8 +183,9 @@ class Scheduler:
             self._admit_compiled()
         plan = plan_step(self.running, self.waiting, self.kv, self.args.max_running_requests,
                          self.args.chunked_prefill_size)
-        for req in plan.admitted:
-            self.sampler.set_row(req.row, req.params, req.prompt_ids, req.output_ids, req.seed)
+        if self.embedding is None:
+            for req in plan.admitted:
+                self.sampler.set_row(req.row, req.params, req.prompt_ids, req.output_ids, req.seed)
         if not plan.entries:
             return
         prefilling = [req for req, _ in plan.entries if req.num_computed < len(req.prompt_ids)]
@@ -168,6 +197,13 @@ class Scheduler:
         logits = self.runner.forward(batch.model_input)
         for req, n in plan.entries:
             req.num_computed += n
+        if self.embedding is not None:
+            # The rows are the hidden states of the requests whose whole input is now computed.
+            self._finish_embeddings(batch.sampled, logits)
+            for req in prefilling:
+                if req.row >= 0:
+                    self.kv.cache_prefix(req)
+            return
         for req, first, count, pos in batch.prompt_scores:
             self._score_prompt(req, logits[first:first + count], pos)
         if batch.sampled:
@@ -176,6 +212,17 @@ class Scheduler:
         for req in prefilling:
             if req.row >= 0:  # still running: share its computed prompt (chunk boundary)
                 self.kv.cache_prefix(req)
+
+    def _finish_embeddings(self, reqs: list[Request], hidden: torch.Tensor) -> None:
+        """Last-token pooled embeddings of the finished requests; their KV goes to the prefix cache."""
+        if not reqs:
+            return
+        vectors = finish(hidden, self.embedding.normalize, [r.dimensions for r in reqs])
+        for req, vec in zip(reqs, vectors):
+            req.finish_reason = "stop"
+            self.running.remove(req)
+            self._finish(req, TokenOutput(req.rid, prompt_tokens=len(req.prompt_ids),
+                                          cached_tokens=req.cached_tokens, embedding=vec))
 
     @staticmethod
     def _score_prompt(req: Request, logits: torch.Tensor, pos: int) -> None:
@@ -240,23 +287,31 @@ class Scheduler:
         return req.matcher.is_terminated()
 
 
+# An embedding request generates nothing (its sampling parameters are never used).
+_EMBED_PARAMS = SamplingParams(max_new_tokens=0)
+
+
+def create_scheduler(args: ServerArgs, grammar_vocab: tuple[list[str], str] | None = None):
+    """The scheduler for the model's kind: Scheduler (generation, or a decoder served for embeddings)
+    or EncoderScheduler (a BERT-family embedding model: no KV, no sampling)."""
+    if embedding_kind(args.model_path, args.is_embedding) == "encoder":
+        from radixserve.engine.encoder_scheduler import EncoderScheduler
+
+        return EncoderScheduler(args)
+    return Scheduler(args, grammar_vocab=grammar_vocab)
+
+
 def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready,
                        grammar_vocab: tuple[list[str], str] | None = None) -> None:
     """Entry point of the engine process: load, report readiness on `ready` (a Pipe end), then loop."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s")
     try:
-        scheduler = Scheduler(args, grammar_vocab=grammar_vocab)
+        scheduler = create_scheduler(args, grammar_vocab)
     except Exception as e:  # report load failures to the parent instead of dying silently
         logger.exception("engine failed to start")
         ready.send({"error": f"{type(e).__name__}: {e}"})
         return
-    runner = scheduler.runner
-    ready.send({
-        "context_length": scheduler.max_seq_len, "vocab_size": runner.config.vocab_size,
-        "architecture": runner.config.architecture, "dtype": str(runner.dtype).removeprefix("torch."),
-        "device": str(runner.device), "max_total_tokens": scheduler.kv.capacity,
-        "eos_token_ids": sorted(scheduler.eos_ids),
-    })
+    ready.send(scheduler.info())
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)
     recv.bind(in_addr)
@@ -276,7 +331,7 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready,
                 continue
             while recv.poll(0):
                 msg = decoder.decode(recv.recv())
-                if isinstance(msg, GenerateReq):
+                if isinstance(msg, (GenerateReq, EmbedReq)):
                     scheduler.submit(msg)
                 elif isinstance(msg, AbortReq):
                     scheduler.abort(msg.rid)

@@ -20,7 +20,8 @@ def _to_params(p: SamplingParams | dict | None) -> SamplingParams:
 
 
 class Engine:
-    """`Engine(model_path=..., **server_args)`; generate(), async_generate(), shutdown().
+    """`Engine(model_path=..., **server_args)`; generate(), async_generate(), encode() (embedding
+    models), shutdown().
 
     The tokenizer manager lives on a private event loop in a background thread, so the synchronous
     API works anywhere and the async API works from any event loop.
@@ -52,6 +53,8 @@ class Engine:
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt and input_ids")
         tm = self.tokenizer_manager
+        if not tm.is_generation:
+            raise ValueError(f"{self.args.model_path} is an embedding model, not a generation model: use encode()")
         if prompt is not None:
             single = isinstance(prompt, str)
             ids = [tm.tokenize(p) for p in ([prompt] if single else prompt)]
@@ -115,6 +118,41 @@ class Engine:
                                      "cached_tokens": c.cached_tokens, "matched_stop": c.matched_stop}}
         finally:  # the consumer stopped early: abort in the engine
             asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop).result()
+
+    # ---- embeddings
+    def encode(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
+               dimensions: int | None = None) -> list[float] | list[list[float]]:
+        """Embeddings of texts (or token-id lists) from an embedding model, batched by the engine: one text
+        gives one list of floats, a list gives a list of them, in order. `dimensions` truncates to one of
+        the model's Matryoshka sizes (and re-normalises)."""
+        import numpy as np
+
+        tm = self.tokenizer_manager
+        if tm.is_generation:
+            raise ValueError(f"{self.args.model_path} is a generation model, not an embedding model: start the "
+                             f"Engine with is_embedding=True (or an embedding model) to use encode()")
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt and input_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            texts = [prompt] if single else list(prompt)
+            if not texts or not all(isinstance(t, str) and t for t in texts):
+                raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+            ids = tm.tokenize_for_embedding(texts)
+        else:
+            single = bool(input_ids) and isinstance(input_ids[0], int)
+            ids = [list(input_ids)] if single else [list(x) for x in input_ids]
+            if not ids or not all(ids):
+                raise ValueError("input_ids must be a non-empty list of token ids, or a list of them")
+        size, matryoshka = tm.info["embedding_dim"], tm.info["matryoshka_dimensions"] or []
+        if dimensions is not None and dimensions != size and dimensions not in matryoshka:
+            raise ValueError(f"dimensions must be {size} or one of this model's Matryoshka dimensions "
+                             f"{matryoshka}, got {dimensions}")
+        if dimensions == size:
+            dimensions = None
+        results = self._call(tm.embed(ids, dimensions))
+        vectors = [np.frombuffer(r.data, dtype="<f4").tolist() for r in results]
+        return vectors[0] if single else vectors
 
     def flush_cache(self) -> bool:
         return self._call(self.tokenizer_manager.flush_cache()).flushed

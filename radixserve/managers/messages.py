@@ -15,6 +15,14 @@ class GenerateReq(msgspec.Struct, tag=True):
     prompt_logprobs: bool = False  # logprobs (top: params.top_logprobs) of the prompt's tokens too
 
 
+class EmbedReq(msgspec.Struct, tag=True):
+    """One text to embed (a request with several texts sends one each; the engine batches them)."""
+
+    rid: str
+    input_ids: list[int]
+    dimensions: int | None = None  # truncate (Matryoshka) to this many dimensions
+
+
 class AbortReq(msgspec.Struct, tag=True):
     rid: str
 
@@ -28,7 +36,7 @@ class StatsReq(msgspec.Struct, tag=True):
 
 
 class TokenOutput(msgspec.Struct):
-    """What one request produced in one step: a token, or only a finish/error."""
+    """What one request produced in one step: a token, or only a finish/error, or an embedding."""
 
     rid: str
     token_id: int | None = None
@@ -40,6 +48,7 @@ class TokenOutput(msgspec.Struct):
     cached_tokens: int = 0
     error: str | None = None
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # with the first token
+    embedding: bytes | None = None  # an EmbedReq's result: little-endian float32
 
 
 class BatchOutput(msgspec.Struct, tag=True):
@@ -57,5 +66,5 @@ class Stats(msgspec.Struct, tag=True):
     flushed: bool = False
 
 
-EngineInput = GenerateReq | AbortReq | FlushCacheReq | StatsReq
+EngineInput = GenerateReq | EmbedReq | AbortReq | FlushCacheReq | StatsReq
 EngineOutput = BatchOutput | Stats

@@ -21,8 +21,8 @@ from radixserve.config import ServerArgs
 from radixserve.constrained.grammar import check_constraint, tokenizer_vocab
 from radixserve.engine.scheduler import run_engine_process
 from radixserve.managers.detokenizer import IncrementalDetokenizer
-from radixserve.managers.messages import (AbortReq, BatchOutput, EngineOutput, FlushCacheReq, GenerateReq,
-                                          Stats, StatsReq, TokenOutput)
+from radixserve.managers.messages import (AbortReq, BatchOutput, EmbedReq, EngineOutput, FlushCacheReq,
+                                          GenerateReq, Stats, StatsReq, TokenOutput)
 from radixserve.model.loader import load_tokenizer
 from radixserve.sampling.params import SamplingParams
 
@@ -62,6 +62,20 @@ class _SeqState:
     finished: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     last_token: float | None = None
+
+
+@dataclass
+class Embedding:
+    """One text's embedding: little-endian float32 bytes, and the tokens it took."""
+
+    data: bytes
+    prompt_tokens: int
+
+
+@dataclass
+class _EmbedState:
+    future: asyncio.Future
+    submitted: float = field(default_factory=time.perf_counter)
 
 
 class RequestHandle:
@@ -137,6 +151,7 @@ class TokenizerManager:
             raise RuntimeError(f"engine failed to start: {info['error']}")
         self.info: dict = info
         self.context_length: int = info["context_length"]
+        self.is_generation: bool = info["is_generation"]
         self._zmq = zmq.Context()
         self._send = self._zmq.socket(zmq.PUSH)
         self._send.connect(in_addr)
@@ -146,6 +161,7 @@ class TokenizerManager:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(EngineOutput)
         self._seqs: dict[str, _SeqState] = {}
+        self._embeds: dict[str, _EmbedState] = {}
         self._stats_waiters: list[asyncio.Future] = []
         self._recv_task: asyncio.Task | None = None
         self.num_active = 0  # sequences submitted and not yet released
@@ -156,20 +172,31 @@ class TokenizerManager:
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def submit(self, input_ids: list[int], params: SamplingParams, rid: str | None = None,
-               namespace: str | None = None, prompt_logprobs: bool = False) -> "RequestHandle":
-        """Admit a request (or raise OverloadedError at once) and send its params.n sequences to the engine."""
+    def tokenize_for_embedding(self, texts: list[str]) -> list[list[int]]:
+        """Texts as the embedding model reads them: lower-cased first when its config says so, tokenized
+        together (the fast tokenizer's batch path) with the model's special tokens."""
+        if self.info.get("do_lower_case"):
+            texts = [t.lower() for t in texts]
+        return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+    def _admit(self, n: int, what: str) -> None:
+        """Raise unless n more sequences fit --max-running-requests + --max-queued-requests."""
         if self.dead:
             raise EngineDeadError("the engine process is not running")
-        check_constraint(params)
         limit = self.args.max_queued_requests
-        if limit is not None and params.n > self.args.max_running_requests + limit:
-            raise ValueError(f"n={params.n} exceeds what this server admits at once "
+        if limit is not None and n > self.args.max_running_requests + limit:
+            raise ValueError(f"{what} exceeds what this server admits at once "
                              f"({self.args.max_running_requests + limit} sequences)")
-        if limit is not None and self.num_active + params.n > self.args.max_running_requests + limit:
+        if limit is not None and self.num_active + n > self.args.max_running_requests + limit:
             raise OverloadedError(f"the server is overloaded: {self.num_active} sequences running or queued "
                                   f"(--max-running-requests {self.args.max_running_requests} + "
                                   f"--max-queued-requests {limit}); retry later")
+
+    def submit(self, input_ids: list[int], params: SamplingParams, rid: str | None = None,
+               namespace: str | None = None, prompt_logprobs: bool = False) -> "RequestHandle":
+        """Admit a request (or raise OverloadedError at once) and send its params.n sequences to the engine."""
+        check_constraint(params)
+        self._admit(params.n, f"n={params.n}")
         self._ensure_receiving()
         rid = rid or uuid.uuid4().hex
         handle = RequestHandle(self, [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)])
@@ -185,6 +212,34 @@ class TokenizerManager:
                                        namespace=namespace, prompt_logprobs=prompt_logprobs))
         self.num_active += params.n
         return handle
+
+    async def embed(self, inputs: list[list[int]], dimensions: int | None = None) -> list[Embedding]:
+        """Embed token sequences, in order. Each is one engine request (the engine batches them with
+        everyone else's); admitted all together or not at all. Cancelling aborts the unfinished ones."""
+        self._admit(len(inputs), f"{len(inputs)} inputs")
+        self._ensure_receiving()
+        loop = asyncio.get_running_loop()
+        base = uuid.uuid4().hex
+        rids = [f"{base}-{i}" for i in range(len(inputs))]
+        futures = []
+        for rid, ids in zip(rids, inputs):
+            state = _EmbedState(loop.create_future())
+            self._embeds[rid] = state
+            futures.append(state.future)
+            self._send_msg(EmbedReq(rid, ids, dimensions))
+        self.num_active += len(inputs)
+        try:
+            return await asyncio.gather(*futures)
+        finally:
+            for rid in rids:
+                state = self._embeds.pop(rid)
+                self.num_active -= 1
+                if not state.future.done():
+                    state.future.cancel()
+                    if not self.dead:
+                        self._send_msg(AbortReq(rid))
+                elif not state.future.cancelled():
+                    state.future.exception()  # retrieved: a second failure is not logged as unhandled
 
     def _release(self, sub_rids: list[str]) -> None:
         for sub in sub_rids:
@@ -232,6 +287,19 @@ class TokenizerManager:
                 state = self._seqs.get(out.rid)
                 if state is not None and not state.finished:
                     self._apply(out.rid, state, out)
+                elif out.rid in self._embeds:
+                    self._apply_embedding(self._embeds[out.rid], out)
+
+    def _apply_embedding(self, state: _EmbedState, out: TokenOutput) -> None:
+        if state.future.done():
+            return
+        if out.embedding is None:
+            state.future.set_exception(ValueError(out.error or f"the request finished without an embedding "
+                                                                f"({out.finish_reason})"))
+            return
+        if self.metrics is not None:
+            self.metrics.on_embedding(out.prompt_tokens, out.cached_tokens, time.perf_counter() - state.submitted)
+        state.future.set_result(Embedding(out.embedding, out.prompt_tokens))
 
     def _apply(self, rid: str, state: _SeqState, out: TokenOutput) -> None:
         if out.finish_reason == "error":
@@ -275,6 +343,9 @@ class TokenizerManager:
             if not state.finished:
                 state.finished = True
                 state.queue.put_nowait(err)
+        for emb in self._embeds.values():
+            if not emb.future.done():
+                emb.future.set_exception(err)
         for fut in self._stats_waiters:
             fut.set_exception(err)
         self._stats_waiters.clear()

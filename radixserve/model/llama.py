@@ -57,13 +57,17 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, logit_index: torch.Tensor) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, logit_index: torch.Tensor,
+                hidden: bool = False) -> torch.Tensor:
         """input_ids/positions: [T]; k_cache/v_cache: [layers, slots, KVH, D]. Returns float32 logits of
-        the tokens at logit_index only (each sequence's last token), [len(logit_index), vocab]."""
+        the tokens at logit_index only (each sequence's last token), [len(logit_index), vocab]; with
+        hidden=True their final (normed) hidden states instead, [len(logit_index), hidden_size]."""
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, self.rotary, (k_cache[i], v_cache[i]), meta)
         x = self.norm(x[logit_index])
+        if hidden:
+            return x.float()
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
 

@@ -49,6 +49,22 @@ def _generation_eos(path: str) -> list[int] | None:
     return None if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+ENCODER_MODEL_TYPES = ("bert",)
+
+
+def embedding_kind(path: str, is_embedding: bool) -> str | None:
+    """None for a generation model; "encoder" for a BERT-family folder (always an embedding model);
+    "decoder" for a Llama-family model served for embeddings (--is-embedding, or a folder with a
+    sentence-transformers modules.json, as gte-Qwen2 / Qwen3-Embedding ship)."""
+    cfg = read_hf_config(path)
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") in ENCODER_MODEL_TYPES or any(a.startswith("Bert") for a in archs):
+        return "encoder"
+    if is_embedding or (not is_gguf(path) and os.path.isfile(os.path.join(path, "modules.json"))):
+        return "decoder"
+    return None
+
+
 def load_model_config(path: str) -> ModelConfig:
     return ModelConfig.from_hf(read_hf_config(path), _generation_eos(path))
 

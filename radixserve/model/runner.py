@@ -13,7 +13,8 @@ from radixserve.config import ModelConfig, ServerArgs
 from radixserve.model.attention import AttentionMetadata
 from radixserve.model.layers import RotaryEmbedding
 from radixserve.model.llama import LlamaForCausalLM
-from radixserve.model.loader import iter_weights, load_model_config
+from radixserve.model.loader import embedding_kind, iter_weights, load_model_config
+from radixserve.model.pooling import EmbeddingSpec, check_matryoshka, read_embedding_spec
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,22 @@ class ModelRunner:
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.config: ModelConfig = load_model_config(args.model_path)
         cfg = self.config
-        self.context_length = args.context_length or cfg.max_position_embeddings
+        # Served for embeddings (--is-embedding or a sentence-transformers folder): the final hidden
+        # state of each text's last token, normalised (gte-Qwen2 / Qwen3-Embedding convention).
+        self.embedding: EmbeddingSpec | None = None
+        self.embedding_dim = cfg.hidden_size
+        self.matryoshka_dimensions: list[int] | None = None
+        if embedding_kind(args.model_path, args.is_embedding) == "decoder":
+            self.embedding = read_embedding_spec(args.model_path, default_pooling="lasttoken")
+            if self.embedding.pooling != ("lasttoken",):
+                raise ValueError(f"a decoder embeds with last-token pooling only, but the model's "
+                                 f"sentence-transformers config asks for {'+'.join(self.embedding.pooling)}")
+            self.matryoshka_dimensions = check_matryoshka(
+                args.matryoshka_dimensions or self.embedding.matryoshka_dimensions, self.embedding_dim)
+        default_length = cfg.max_position_embeddings
+        if self.embedding is not None and self.embedding.max_length:
+            default_length = min(default_length, self.embedding.max_length)
+        self.context_length = args.context_length or default_length
         if self.context_length > cfg.max_position_embeddings:
             raise ValueError(f"--context-length {self.context_length} exceeds the model's "
                              f"max_position_embeddings {cfg.max_position_embeddings}")
@@ -112,5 +128,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inp: ModelInput) -> torch.Tensor:
-        """Float32 logits [len(inp.logit_index), vocab]."""
-        return self.model(inp.input_ids, inp.positions, self.kv.k, self.kv.v, inp.meta, inp.logit_index)
+        """Float32 logits [len(inp.logit_index), vocab]; for an embedding model, the final hidden states
+        [len(inp.logit_index), hidden_size] instead."""
+        return self.model(inp.input_ids, inp.positions, self.kv.k, self.kv.v, inp.meta, inp.logit_index,
+                          hidden=self.embedding is not None)

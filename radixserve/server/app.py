@@ -16,13 +16,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from radixserve.config import ServerArgs
 from radixserve.managers.tokenizer_manager import EngineDeadError, OverloadedError, TokenizerManager
 from radixserve.sampling.params import SamplingParams
-from radixserve.server import chat, completions, native
+from radixserve.server import chat, completions, embeddings, native
 from radixserve.server.common import ServingContext, as_api_error, sse_with_errors
 from radixserve.server.errors import APIError, bad_request
 from radixserve.server.guard import Guard
 from radixserve.server.metrics import Metrics
-from radixserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
-                                        ModelCard, ModelList, TokenizeRequest)
+from radixserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                        EmbeddingRequest, GenerateRequest, ModelCard, ModelList, TokenizeRequest)
 
 logger = logging.getLogger(__name__)
 
@@ -159,27 +159,39 @@ def create_app(args: ServerArgs) -> FastAPI:
         if args.log_requests:
             logger.info("request %s %s: %s", request.state.rid, request.url.path, req.model_dump_json(exclude_none=True))
 
+    def generating(route: str) -> ServingContext:
+        ctx = state.serving()
+        ctx.require_generation(route)
+        return ctx
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         log_request(request, req)
-        handle, run = await chat.create_chat_completion(state.serving(), req)
+        handle, run = await chat.create_chat_completion(generating("/v1/chat/completions"), req)
         return await _respond(request, [handle], run, req.stream)
 
     @app.post("/v1/completions")
     async def completions_(req: CompletionRequest, request: Request):
         log_request(request, req)
-        handles, run = await completions.create_completion(state.serving(), req)
+        handles, run = await completions.create_completion(generating("/v1/completions"), req)
         return await _respond(request, handles, run, req.stream)
 
     @app.post("/v1/embeddings")
-    async def embeddings(request: Request):
-        ctx = state.serving()
-        raise bad_request(f"{ctx.served_model_name} is a generation model, not an embedding model: it does not "
-                          f"serve /v1/embeddings", param="model")
+    async def embeddings_(req: EmbeddingRequest, request: Request):
+        log_request(request, req)
+        run = embeddings.create_embedding(state.serving(), req)
+        try:
+            body = await _until_disconnected(request, run)
+        except Exception as e:  # noqa: BLE001
+            raise as_api_error(e) from None
+        if body is None:
+            return Response(status_code=499)  # client closed the connection; nobody reads this
+        return Response(body, media_type="application/json")
 
     def model_card() -> ModelCard:
         ctx = state.serving()
-        return ModelCard(id=ctx.served_model_name, root=ctx.model_path, max_model_len=ctx.tm.context_length)
+        return ModelCard(id=ctx.served_model_name, root=ctx.model_path, max_model_len=ctx.tm.context_length,
+                         is_generation=ctx.is_generation)
 
     @app.get("/v1/models")
     async def list_models():
@@ -206,6 +218,12 @@ def create_app(args: ServerArgs) -> FastAPI:
     @app.get("/health_generate")
     async def health_generate(request: Request):
         ctx = state.serving()
+        if not ctx.is_generation:  # an embedding model: embed one token instead
+            try:
+                await ctx.tm.embed([[ctx.tm.tokenizer.cls_token_id or ctx.tm.tokenizer.eos_token_id or 0]])
+            except Exception as e:  # noqa: BLE001
+                raise as_api_error(e) from None
+            return Response(status_code=200)
         handle = ctx.tm.submit([ctx.tm.tokenizer.eos_token_id or 0], SamplingParams(max_new_tokens=1))
         try:
             async for _ in handle:
@@ -218,10 +236,13 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def get_model_info():
         ctx = state.serving()
         info = ctx.tm.info
-        return {"model_path": ctx.model_path, "tokenizer_path": args.tokenizer_path or ctx.model_path,
-                "served_model_name": ctx.served_model_name, "is_generation": True,
-                "architecture": info["architecture"], "dtype": info["dtype"], "device": info["device"],
-                "context_length": ctx.tm.context_length, "vocab_size": info["vocab_size"]}
+        out = {"model_path": ctx.model_path, "tokenizer_path": args.tokenizer_path or ctx.model_path,
+               "served_model_name": ctx.served_model_name, "is_generation": ctx.is_generation,
+               "architecture": info["architecture"], "dtype": info["dtype"], "device": info["device"],
+               "context_length": ctx.tm.context_length, "vocab_size": info["vocab_size"]}
+        if not ctx.is_generation:
+            out.update({k: info[k] for k in ("embedding_dim", "pooling", "normalized", "matryoshka_dimensions")})
+        return out
 
     @app.get("/get_server_info")
     async def get_server_info():
@@ -258,7 +279,7 @@ def create_app(args: ServerArgs) -> FastAPI:
     @app.post("/generate")
     async def generate(req: GenerateRequest, request: Request):
         log_request(request, req)
-        handles, run = native.create_generate(state.serving(), req)
+        handles, run = native.create_generate(generating("/generate"), req)
         return await _respond(request, handles, run, req.stream)
 
     return app

@@ -42,6 +42,23 @@ class ServingContext:
         self.served_model_name = args.served_model_name
         self.model_path = args.model_path
         self.chat_template = _read_template(args.chat_template)
+        self.is_generation: bool = tokenizer_manager.is_generation
+
+    @property
+    def model_kind(self) -> str:
+        return "a generation model" if self.is_generation else "an embedding model"
+
+    def require_generation(self, route: str) -> None:
+        """A generation route on an embedding model (or the reverse) is the client's mistake: 400."""
+        if not self.is_generation:
+            raise bad_request(f"{self.served_model_name} is an embedding model, not a generation model: it serves "
+                              f"/v1/embeddings, not {route}", param="model")
+
+    def require_embedding(self) -> None:
+        if self.is_generation:
+            raise bad_request(f"{self.served_model_name} is a generation model, not an embedding model: it does "
+                              f"not serve /v1/embeddings (start an embedding model, or this one with "
+                              f"--is-embedding)", param="model")
 
     def check_model(self, model: str) -> None:
         if model in (self.served_model_name, self.model_path):

@@ -15,6 +15,7 @@ class Metrics:
         self.cached_tokens = Counter("radixserve_cached_prompt_tokens", "prompt tokens reused from the prefix cache",
                                      registry=r)
         self.generation_tokens = Counter("radixserve_generation_tokens", "generated tokens", registry=r)
+        self.embeddings = Counter("radixserve_embedding_inputs", "texts embedded", registry=r)
         self.ttft = Histogram("radixserve_time_to_first_token_seconds", "time to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("radixserve_inter_token_latency_seconds", "time between tokens of a sequence",
@@ -35,6 +36,14 @@ class Metrics:
 
     def on_finish(self, reason: str, prompt_tokens: int, cached_tokens: int, e2e: float) -> None:
         self.requests.labels(reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.cached_tokens.inc(cached_tokens)
+        self._prompt_total += prompt_tokens
+        self._cached_total += cached_tokens
+        self.e2e.observe(e2e)
+
+    def on_embedding(self, prompt_tokens: int, cached_tokens: int, e2e: float) -> None:
+        self.embeddings.inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.cached_tokens.inc(cached_tokens)
         self._prompt_total += prompt_tokens

@@ -215,6 +215,45 @@ class CompletionRequest(_Sampling):
         return self
 
 
+_EMBEDDING_INPUT_SHAPE = "must be a string, a list of strings, a list of token ids, or a list of token-id lists"
+
+
+class EmbeddingRequest(_Request):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # checked against the model (Matryoshka sizes) by the handler
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _check_input(cls, v):
+        def is_id(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if isinstance(v, str):
+            if not v:
+                raise ValueError("must not be an empty string")
+            return v
+        if not isinstance(v, list):
+            raise ValueError(_EMBEDDING_INPUT_SHAPE)
+        if not v:
+            raise ValueError("must not be an empty list")
+        if all(isinstance(x, str) for x in v):
+            empty = next((i for i, x in enumerate(v) if not x), None)
+            if empty is not None:
+                raise ValueError(f"item {empty} is an empty string")
+            return v
+        if all(is_id(x) for x in v):
+            return v
+        if all(isinstance(x, list) and all(is_id(t) for t in x) for x in v):
+            empty = next((i for i, x in enumerate(v) if not x), None)
+            if empty is not None:
+                raise ValueError(f"item {empty} is an empty list of token ids")
+            return v
+        raise ValueError(_EMBEDDING_INPUT_SHAPE)
+
+
 # ---- responses
 
 
@@ -346,6 +385,7 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int
+    is_generation: bool = True  # False for an embedding model (it serves /v1/embeddings only)
 
 
 class ModelList(BaseModel):

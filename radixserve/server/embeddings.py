@@ -1,0 +1,82 @@
+"""/v1/embeddings: texts or token ids (one or a batch) → the engine's batched embeddings, in OpenAI's
+shape, as floats or base64 (little-endian float32, as OpenAI sends it)."""
+from __future__ import annotations
+
+import base64
+from typing import Awaitable
+
+import msgspec
+import numpy as np
+
+from radixserve.server.common import ServingContext
+from radixserve.server.errors import bad_request
+from radixserve.server.protocol import EmbeddingRequest
+
+_encode_json = msgspec.json.Encoder().encode  # ~15x faster than json.dumps on lists of floats
+
+
+def check_dimensions(dimensions: int | None, size: int, matryoshka: list[int] | None) -> None:
+    """`dimensions` is the model's own size, or one of the Matryoshka sizes it declares (or the
+    operator gave with --matryoshka-dimensions): only those truncations keep the embedding meaningful."""
+    if dimensions is None or dimensions == size:
+        return
+    if dimensions < 1:
+        raise bad_request(f"dimensions must be at least 1, got {dimensions}", param="dimensions")
+    if dimensions > size:
+        raise bad_request(f"dimensions {dimensions} exceeds this model's embedding size {size}", param="dimensions")
+    if not matryoshka:
+        raise bad_request(f"this model does not support dimensions other than its embedding size {size}: it "
+                          f"declares no Matryoshka dimensions (the operator can set --matryoshka-dimensions)",
+                          param="dimensions")
+    if dimensions not in matryoshka:
+        raise bad_request(f"dimensions {dimensions} is not one of this model's Matryoshka dimensions "
+                          f"{sorted(set(matryoshka) | {size})}", param="dimensions")
+
+
+def tokenize_inputs(ctx: ServingContext, inp) -> list[list[int]]:
+    """The request's inputs as token-id lists, each within the model's length and vocabulary."""
+    if isinstance(inp, str):
+        inputs = ctx.tm.tokenize_for_embedding([inp])
+    elif isinstance(inp[0], str):
+        inputs = ctx.tm.tokenize_for_embedding(inp)
+    elif isinstance(inp[0], int):
+        inputs = [inp]
+    else:
+        inputs = inp
+    limit, vocab = ctx.tm.context_length, ctx.tm.info["vocab_size"]
+    single = isinstance(inp, str) or isinstance(inp[0], int)
+    for i, ids in enumerate(inputs):
+        which = "input" if single else f"input[{i}]"
+        if len(ids) > limit:
+            raise bad_request(f"{which} has {len(ids)} tokens, more than this model's maximum input length of "
+                              f"{limit} tokens", param="input")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise bad_request(f"{which}: token ids must be in [0, {vocab})", param="input")
+    return inputs
+
+
+def create_embedding(ctx: ServingContext, req: EmbeddingRequest) -> Awaitable[bytes]:
+    """Validate and tokenize now (errors are 400s before anything runs); the returned coroutine awaits
+    the engine and renders the JSON body."""
+    ctx.check_model(req.model)
+    ctx.require_embedding()
+    info = ctx.tm.info
+    check_dimensions(req.dimensions, info["embedding_dim"], info["matryoshka_dimensions"])
+    inputs = tokenize_inputs(ctx, req.input)
+    dimensions = None if req.dimensions == info["embedding_dim"] else req.dimensions
+
+    async def run() -> bytes:
+        results = await ctx.tm.embed(inputs, dimensions)
+        if req.encoding_format == "base64":
+            vectors = [base64.b64encode(r.data).decode("ascii") for r in results]
+        else:
+            vectors = [np.frombuffer(r.data, dtype="<f4").tolist() for r in results]
+        tokens = sum(r.prompt_tokens for r in results)
+        return _encode_json({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+            "model": req.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+
+    return run()
