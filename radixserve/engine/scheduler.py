@@ -19,8 +19,8 @@ from radixserve.engine.batch import build_batch
 from radixserve.engine.kv_manager import KVManager
 from radixserve.engine.policy import plan_step
 from radixserve.engine.request import Request
-from radixserve.managers.messages import (AbortReq, BatchOutput, EmbedReq, EngineInput, FlushCacheReq, GenerateReq,
-                                          Stats, StatsReq, TokenOutput)
+from radixserve.managers.messages import (AbortReq, BatchOutput, EmbedBatch, EmbedReq, EngineInput, FlushCacheReq,
+                                          GenerateReq, Stats, StatsReq, TokenOutput)
 from radixserve.model.loader import embedding_kind, load_tokenizer
 from radixserve.model.pooling import embedding_info, finish
 from radixserve.model.runner import ModelRunner
@@ -333,6 +333,9 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready,
                 msg = decoder.decode(recv.recv())
                 if isinstance(msg, (GenerateReq, EmbedReq)):
                     scheduler.submit(msg)
+                elif isinstance(msg, EmbedBatch):
+                    for req in msg.reqs:
+                        scheduler.submit(req)
                 elif isinstance(msg, AbortReq):
                     scheduler.abort(msg.rid)
                 elif isinstance(msg, FlushCacheReq):

@@ -144,13 +144,7 @@ class Engine:
             ids = [list(input_ids)] if single else [list(x) for x in input_ids]
             if not ids or not all(ids):
                 raise ValueError("input_ids must be a non-empty list of token ids, or a list of them")
-        size, matryoshka = tm.info["embedding_dim"], tm.info["matryoshka_dimensions"] or []
-        if dimensions is not None and dimensions != size and dimensions not in matryoshka:
-            raise ValueError(f"dimensions must be {size} or one of this model's Matryoshka dimensions "
-                             f"{matryoshka}, got {dimensions}")
-        if dimensions == size:
-            dimensions = None
-        results = self._call(tm.embed(ids, dimensions))
+        results = self._call(tm.embed(ids, tm.embedding_dimensions(dimensions)))
         vectors = [np.frombuffer(r.data, dtype="<f4").tolist() for r in results]
         return vectors[0] if single else vectors
 

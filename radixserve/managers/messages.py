@@ -16,11 +16,18 @@ class GenerateReq(msgspec.Struct, tag=True):
 
 
 class EmbedReq(msgspec.Struct, tag=True):
-    """One text to embed (a request with several texts sends one each; the engine batches them)."""
+    """One text to embed (the engine batches texts of any requests together)."""
 
     rid: str
     input_ids: list[int]
     dimensions: int | None = None  # truncate (Matryoshka) to this many dimensions
+
+
+class EmbedBatch(msgspec.Struct, tag=True):
+    """A request's texts in one message, so that the engine receives them together (one step when they
+    fit its budget) and the API process makes one send instead of one per text."""
+
+    reqs: list[EmbedReq]
 
 
 class AbortReq(msgspec.Struct, tag=True):
@@ -66,5 +73,5 @@ class Stats(msgspec.Struct, tag=True):
     flushed: bool = False
 
 
-EngineInput = GenerateReq | EmbedReq | AbortReq | FlushCacheReq | StatsReq
+EngineInput = GenerateReq | EmbedReq | EmbedBatch | AbortReq | FlushCacheReq | StatsReq
 EngineOutput = BatchOutput | Stats

@@ -21,7 +21,7 @@ from radixserve.config import ServerArgs
 from radixserve.constrained.grammar import check_constraint, tokenizer_vocab
 from radixserve.engine.scheduler import run_engine_process
 from radixserve.managers.detokenizer import IncrementalDetokenizer
-from radixserve.managers.messages import (AbortReq, BatchOutput, EmbedReq, EngineOutput, FlushCacheReq,
+from radixserve.managers.messages import (AbortReq, BatchOutput, EmbedBatch, EmbedReq, EngineOutput, FlushCacheReq,
                                           GenerateReq, Stats, StatsReq, TokenOutput)
 from radixserve.model.loader import load_tokenizer
 from radixserve.sampling.params import SamplingParams
@@ -179,6 +179,25 @@ class TokenizerManager:
             texts = [t.lower() for t in texts]
         return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
 
+    def embedding_dimensions(self, dimensions: int | None) -> int | None:
+        """What to ask the engine for a request's `dimensions` (None: the model's own size). Only the model's
+        size or one of the Matryoshka sizes it declares (or the operator gave) keep the embedding
+        meaningful; anything else is a ValueError saying why."""
+        size, matryoshka = self.info["embedding_dim"], self.info["matryoshka_dimensions"]
+        if dimensions is None or dimensions == size:
+            return None
+        if dimensions < 1:
+            raise ValueError(f"dimensions must be at least 1, got {dimensions}")
+        if dimensions > size:
+            raise ValueError(f"dimensions {dimensions} exceeds this model's embedding size {size}")
+        if not matryoshka:
+            raise ValueError(f"this model does not support dimensions other than its embedding size {size}: it "
+                             f"declares no Matryoshka dimensions (the operator can set --matryoshka-dimensions)")
+        if dimensions not in matryoshka:
+            raise ValueError(f"dimensions {dimensions} is not one of this model's Matryoshka dimensions "
+                             f"{sorted(set(matryoshka) | {size})}")
+        return dimensions
+
     def _admit(self, n: int, what: str) -> None:
         """Raise unless n more sequences fit --max-running-requests + --max-queued-requests."""
         if self.dead:
@@ -215,18 +234,19 @@ class TokenizerManager:
 
     async def embed(self, inputs: list[list[int]], dimensions: int | None = None) -> list[Embedding]:
         """Embed token sequences, in order. Each is one engine request (the engine batches them with
-        everyone else's); admitted all together or not at all. Cancelling aborts the unfinished ones."""
+        everyone else's), sent in one message; admitted all together or not at all. Cancelling aborts
+        the unfinished ones."""
         self._admit(len(inputs), f"{len(inputs)} inputs")
         self._ensure_receiving()
         loop = asyncio.get_running_loop()
         base = uuid.uuid4().hex
         rids = [f"{base}-{i}" for i in range(len(inputs))]
         futures = []
-        for rid, ids in zip(rids, inputs):
+        for rid in rids:
             state = _EmbedState(loop.create_future())
             self._embeds[rid] = state
             futures.append(state.future)
-            self._send_msg(EmbedReq(rid, ids, dimensions))
+        self._send_msg(EmbedBatch([EmbedReq(rid, ids, dimensions) for rid, ids in zip(rids, inputs)]))
         self.num_active += len(inputs)
         try:
             return await asyncio.gather(*futures)

@@ -58,6 +58,20 @@ def _pooling_modes(cfg: dict) -> tuple[str, ...]:
     return modes
 
 
+def _transformer_limits(folder: str) -> tuple[int | None, bool]:
+    """The Transformer module's input limit and lower-casing: sentence_bert_config.json's max_seq_length
+    (older saves), else the tokenizer's model_max_length (where newer sentence-transformers keep it)."""
+    st, tok = {}, {}
+    if os.path.isfile(os.path.join(folder, "sentence_bert_config.json")):
+        st = _read_json(os.path.join(folder, "sentence_bert_config.json"))
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        tok = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    limit = st.get("max_seq_length")
+    if limit is None and isinstance(tok.get("model_max_length"), int) and tok["model_max_length"] < 1_000_000:
+        limit = tok["model_max_length"]  # transformers writes ~1e30 for "no limit"
+    return limit, bool(st.get("do_lower_case", False))
+
+
 def read_embedding_spec(path: str, default_pooling: str) -> EmbeddingSpec:
     """The folder's sentence-transformers pipeline (Transformer → Pooling → optional Normalize), or, for
     a folder without one, `default_pooling` and normalised output (the convention of serving engines).
@@ -77,12 +91,7 @@ def read_embedding_spec(path: str, default_pooling: str) -> EmbeddingSpec:
             raise ValueError(f"unsupported sentence-transformers module {module['type']!r} in modules.json "
                              f"(supported: {', '.join(_MODULE_KINDS)})")
         if kind == "Transformer":
-            for name in ("sentence_bert_config.json", "config_sentence_transformers_module.json"):
-                if os.path.isfile(os.path.join(folder, name)):
-                    st = _read_json(os.path.join(folder, name))
-                    spec.max_length = st.get("max_seq_length", spec.max_length)
-                    spec.do_lower_case = bool(st.get("do_lower_case", False))
-                    break
+            spec.max_length, spec.do_lower_case = _transformer_limits(folder)
         elif kind == "Pooling":
             spec.pooling = _pooling_modes(_read_json(os.path.join(folder, "config.json")))
         else:

@@ -44,10 +44,6 @@ class ServingContext:
         self.chat_template = _read_template(args.chat_template)
         self.is_generation: bool = tokenizer_manager.is_generation
 
-    @property
-    def model_kind(self) -> str:
-        return "a generation model" if self.is_generation else "an embedding model"
-
     def require_generation(self, route: str) -> None:
         """A generation route on an embedding model (or the reverse) is the client's mistake: 400."""
         if not self.is_generation:

@@ -15,24 +15,6 @@ from radixserve.server.protocol import EmbeddingRequest
 _encode_json = msgspec.json.Encoder().encode  # ~15x faster than json.dumps on lists of floats
 
 
-def check_dimensions(dimensions: int | None, size: int, matryoshka: list[int] | None) -> None:
-    """`dimensions` is the model's own size, or one of the Matryoshka sizes it declares (or the
-    operator gave with --matryoshka-dimensions): only those truncations keep the embedding meaningful."""
-    if dimensions is None or dimensions == size:
-        return
-    if dimensions < 1:
-        raise bad_request(f"dimensions must be at least 1, got {dimensions}", param="dimensions")
-    if dimensions > size:
-        raise bad_request(f"dimensions {dimensions} exceeds this model's embedding size {size}", param="dimensions")
-    if not matryoshka:
-        raise bad_request(f"this model does not support dimensions other than its embedding size {size}: it "
-                          f"declares no Matryoshka dimensions (the operator can set --matryoshka-dimensions)",
-                          param="dimensions")
-    if dimensions not in matryoshka:
-        raise bad_request(f"dimensions {dimensions} is not one of this model's Matryoshka dimensions "
-                          f"{sorted(set(matryoshka) | {size})}", param="dimensions")
-
-
 def tokenize_inputs(ctx: ServingContext, inp) -> list[list[int]]:
     """The request's inputs as token-id lists, each within the model's length and vocabulary."""
     if isinstance(inp, str):
@@ -60,10 +42,11 @@ def create_embedding(ctx: ServingContext, req: EmbeddingRequest) -> Awaitable[by
     the engine and renders the JSON body."""
     ctx.check_model(req.model)
     ctx.require_embedding()
-    info = ctx.tm.info
-    check_dimensions(req.dimensions, info["embedding_dim"], info["matryoshka_dimensions"])
+    try:
+        dimensions = ctx.tm.embedding_dimensions(req.dimensions)
+    except ValueError as e:
+        raise bad_request(str(e), param="dimensions") from None
     inputs = tokenize_inputs(ctx, req.input)
-    dimensions = None if req.dimensions == info["embedding_dim"] else req.dimensions
 
     async def run() -> bytes:
         results = await ctx.tm.embed(inputs, dimensions)

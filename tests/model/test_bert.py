@@ -191,6 +191,19 @@ def test_spec_reads_the_folder(tmp_path, default_embedding_model):
         make_runner(path, matryoshka_dimensions=[64])
 
 
+def test_input_limit_from_the_tokenizer_when_the_config_has_none(tmp_path, default_embedding_model):
+    """Newer sentence-transformers saves keep the limit in the tokenizer's model_max_length."""
+    path = build_tiny_bert(str(tmp_path / "new"), default_embedding_model, max_seq_length=128)
+    with open(os.path.join(path, "sentence_bert_config.json"), "w") as f:
+        json.dump({"modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}}, f)
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        tok = json.load(f)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({**tok, "model_max_length": 100}, f)
+    assert read_embedding_spec(path, "cls").max_length == 100
+    assert make_runner(path).context_length == 100
+
+
 def test_unsupported_sentence_transformers_module_is_refused(tmp_path, default_embedding_model):
     path = build_tiny_bert(str(tmp_path / "dense"), default_embedding_model)
     with open(os.path.join(path, "modules.json")) as f:

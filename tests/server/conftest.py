@@ -1,7 +1,8 @@
 """Fixtures of the end-to-end server tests: the real `radixserve serve` as a subprocess on a free port.
 
 One default server (prefix-cache report and metrics on) is shared by most tests; the few tests that need
-other flags start their own small server (module scope), so that at most four servers start in a run."""
+other flags start their own small server (module scope), so that at most five servers start in a run
+(one of them serves the default embedding model)."""
 from __future__ import annotations
 
 import pytest
