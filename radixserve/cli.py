@@ -29,6 +29,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
             continue
+        if typing.get_origin(kind) is list:
+            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=f.default, help=help_text)
+            continue
         parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text)
 
 

@@ -1,10 +1,13 @@
-"""Building blocks of the decoder: RMSNorm and rotary position embedding."""
+"""Building blocks of the decoder: RMSNorm, rotary position embedding, LoRA-aware (fused) linear."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from radixserve.lora.ops import LoRABatch, add_lora
 
 
 class RMSNorm(nn.Module):
@@ -60,3 +63,22 @@ class RotaryEmbedding(nn.Module):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Linear(nn.Linear):
+    """A linear layer, possibly several fused along the output (q|k|v, gate|up), whose output gets the
+    LoRA deltas of the step's adapters once stacked adapter buffers are attached (radixserve/lora)."""
+
+    def __init__(self, in_features: int, out_features: int | tuple[int, ...], bias: bool = False):
+        self.splits = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        super().__init__(in_features, sum(self.splits), bias=bias)
+        # Attached by lora.buffers.LoRABuffers: [slots, R * pieces, in] / [slots, R * pieces, out].
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+        self.lora_pieces = 0
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if lora is not None and self.lora_a is not None:
+            add_lora(y, x, self.lora_a, self.lora_b, self.lora_pieces, lora)
+        return y

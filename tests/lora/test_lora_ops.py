@@ -1,0 +1,72 @@
+"""The batched LoRA kernel against a per-token reference: segments per buffer slot (empty ones too),
+base tokens untouched, rank slicing, the grouped_mm path and the per-adapter fallback loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import radixserve.lora.ops as ops
+from radixserve.lora.ops import LoRABatch, add_lora
+
+SLOTS, MAX_RANK, PIECES, IN, OUT = 5, 8, 3, 32, 48
+
+
+def buffers(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(SLOTS, MAX_RANK * PIECES, IN, generator=g).to(dtype)
+    b = torch.randn(SLOTS, MAX_RANK * PIECES, OUT, generator=g).to(dtype)
+    return a, b
+
+
+def reference(y, x, a, b, token_slots, rank):
+    """Token by token: y[t] += (x[t] @ A_s[:k]ᵀ) @ B_s[:k] for the slot s of token t (none: the base)."""
+    k = rank * PIECES
+    out = y.clone().double()
+    for t, s in enumerate(token_slots):
+        if s is not None:
+            out[t] += (x[t].double() @ a[s, :k].double().T) @ b[s, :k].double()
+    return out
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
+@pytest.mark.parametrize("counts", [
+    [3, 2, 0, 4, 0, 1],  # base + slots 0, 2, 4; slots 1, 3 empty
+    [0, 0, 0, 0, 0, 7],  # only the last slot
+    [5, 1, 1, 1, 1, 1],  # decode-like: one token each
+    [2, 40, 0, 0, 0, 0],  # a prefill chunk of one adapter
+])
+def test_matches_per_token_reference(monkeypatch, grouped, counts):
+    if not grouped:
+        monkeypatch.setattr(ops, "_grouped_mm_works", lambda *_: False)
+    a, b = buffers()
+    total = sum(counts)
+    x = torch.randn(total, IN, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(total, OUT, generator=torch.Generator().manual_seed(2))
+    token_slots = [None] * counts[0] + [s for s in range(SLOTS) for _ in range(counts[s + 1])]
+    for rank in (3, MAX_RANK):
+        ref = reference(y, x, a, b, token_slots, rank)
+        out = y.clone()
+        add_lora(out, x, a, b, PIECES, LoRABatch.build(counts, rank, torch.device("cpu")))
+        assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)
+        assert torch.equal(out[:counts[0]], y[:counts[0]])  # base tokens untouched
+
+
+def test_no_adapter_tokens_means_no_lora_batch():
+    assert LoRABatch.build([7, 0, 0, 0, 0, 0], 8, torch.device("cpu")) is None
+
+
+def test_segments_and_offsets():
+    batch = LoRABatch.build([3, 2, 0, 4, 0, 1], 4, torch.device("cpu"))
+    assert batch.start == 3 and batch.rank == 4
+    assert batch.offsets.tolist() == [2, 2, 6, 6, 7] and batch.offsets.dtype == torch.int32
+    assert batch.segments == [(0, 0, 2), (2, 2, 6), (4, 6, 7)]
+
+
+def test_bfloat16_close():
+    a, b = buffers(torch.bfloat16)
+    counts = [1, 2, 0, 3, 0, 0]
+    x = torch.randn(6, IN, generator=torch.Generator().manual_seed(3)).bfloat16()
+    y = torch.zeros(6, OUT, dtype=torch.bfloat16)
+    add_lora(y, x, a, b, PIECES, LoRABatch.build(counts, MAX_RANK, torch.device("cpu")))
+    ref = reference(torch.zeros(6, OUT), x.float(), a.float(), b.float(), [None, 0, 0, 2, 2, 2], MAX_RANK)
+    assert (y.double() - ref).abs().max() <= 0.02 * ref.abs().max()
