@@ -5,7 +5,7 @@ import pytest
 
 from radixserve.config import default_model_path
 from radixserve.model.loader import load_tokenizer
-from lora_adapters import DEFAULT_ADAPTERS, build_adapter, load_hf_base
+from lora_adapters import DEFAULT_ADAPTERS, TINY_ADAPTERS, build_adapter, load_hf_base
 from tiny_models import build_tiny_model
 
 
@@ -51,3 +51,12 @@ def default_adapters(tmp_path_factory, default_model, default_hf_model) -> dict[
     root = tmp_path_factory.mktemp("default-adapters")
     return {name: build_adapter(default_model, str(root / name), base=default_hf_model, **kw)
             for name, kw in DEFAULT_ADAPTERS.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
+    """PEFT LoRA adapters of the tiny random Llama (lora_adapters.TINY_ADAPTERS): name → folder."""
+    path = tiny_model_dir("llama")
+    base = load_hf_base(path)
+    root = tmp_path_factory.mktemp("tiny-adapters")
+    return {name: build_adapter(path, str(root / name), base=base, **kw) for name, kw in TINY_ADAPTERS.items()}

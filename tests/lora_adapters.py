@@ -54,6 +54,17 @@ def peft_merged(base, adapter_dir: str):
     return PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).merge_and_unload().eval()
 
 
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Adapters of the tiny random Llama: ranks 4/8/16, different target sets, rsLoRA, a non-default alpha.
+TINY_ADAPTERS = {
+    "r4_qv": dict(r=4, targets=["q_proj", "v_proj"], b_std=0.1, seed=1),
+    "r8_all": dict(r=8, targets=ALL, b_std=0.05, seed=2),
+    "r16_mlp_rslora": dict(r=16, targets=["o_proj", "gate_proj", "up_proj", "down_proj"], alpha=8,
+                           use_rslora=True, b_std=0.05, seed=3),
+    "r8_kv_alpha": dict(r=8, targets=["k_proj", "v_proj", "down_proj"], alpha=5, b_std=0.1, seed=4),
+}
+
 # Adapters of the default model used across the engine and server tests: name → build_adapter kwargs.
 # Different ranks and target sets, one with rsLoRA; lora_B's scale makes greedy outputs differ from the
 # base model's within a few tokens.
@@ -61,6 +72,5 @@ DEFAULT_ADAPTERS = {
     "attn": dict(r=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"], b_std=0.03, seed=1),
     "mlp": dict(r=16, targets=["gate_proj", "up_proj", "down_proj"], alpha=16, use_rslora=True, b_std=0.01, seed=2),
     "qv": dict(r=4, targets=["q_proj", "v_proj"], b_std=0.05, seed=3),
-    "all": dict(r=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                b_std=0.02, seed=4),
+    "all": dict(r=8, targets=ALL, b_std=0.02, seed=4),
 }

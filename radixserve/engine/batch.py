@@ -25,7 +25,7 @@ class ScheduledBatch:
 
 def build_batch(entries: list[tuple[Request, int]], slots: torch.Tensor, req_to_token: torch.Tensor,
                 device: torch.device, lora_slots: dict[int, int] | None = None, lora_rank: int = 0,
-                num_lora_slots: int = 0) -> ScheduledBatch:
+                num_lora_slots: int = 0, lora_linears: frozenset[str] | None = None) -> ScheduledBatch:
     """Lay the step's tokens out as [decodes..., prefill chunks...] and record their new slots in each
     request's row of req_to_token (which attention then reads).
 
@@ -83,7 +83,7 @@ def build_batch(entries: list[tuple[Request, int]], slots: torch.Tensor, req_to_
         counts = [0] * (num_lora_slots + 1)
         for s, (_, n) in zip(seg, entries):
             counts[s] += n
-        batch.model_input.lora = LoRABatch.build(counts, lora_rank, device)
+        batch.model_input.lora = LoRABatch.build(counts, lora_rank, device, lora_linears)
     return batch
 
 

@@ -17,8 +17,11 @@ from radixserve.engine.batch import build_batch
 from radixserve.engine.kv_manager import KVManager
 from radixserve.engine.policy import plan_step
 from radixserve.engine.request import Request
+from radixserve.lora.adapter import LoRAError
+from radixserve.lora.refs import LoRANotFoundError
 from radixserve.managers.messages import (AbortReq, BatchOutput, EngineInput, FlushCacheReq, GenerateReq,
-                                          Stats, StatsReq, TokenOutput)
+                                          LoadLoRAReq, LoRAAdapterInfo, LoRAUpdateOutput, Stats, StatsReq,
+                                          TokenOutput, UnloadLoRAReq)
 from radixserve.model.runner import ModelRunner
 from radixserve.sampling.sampler import Sampler
 
@@ -41,6 +44,13 @@ class Scheduler:
         self.outputs: list[TokenOutput] = []
         self._rng = random.Random(args.random_seed)
         self._order = itertools.count()
+        self.lora = None
+        if self.runner.lora_buffers is not None:
+            from radixserve.lora.manager import LoRAManager
+
+            self.lora = LoRAManager(args, cfg, self.runner.lora_buffers, self.runner.lora_layout, self.runner.dtype)
+        self.control: list[LoRAUpdateOutput] = []  # answers to adapter loads/unloads
+        self._unloads: dict[int, list[str]] = {}  # adapter id → unload requests waiting for its requests
 
     # ---- requests in and out
     def submit(self, msg: GenerateReq) -> None:
@@ -49,9 +59,19 @@ class Scheduler:
             self.outputs.append(TokenOutput(msg.rid, finish_reason="error", error=error,
                                             prompt_tokens=len(msg.input_ids)))
             return
+        namespace = msg.namespace
+        if msg.lora_id:
+            try:
+                self.lora.acquire(msg.lora_id)
+            except (LoRAError, LoRANotFoundError) as e:
+                self.outputs.append(TokenOutput(msg.rid, finish_reason="error", error=str(e),
+                                                prompt_tokens=len(msg.input_ids)))
+                return
+            # An adapter's KV differs from the base model's: it gets its own prefix-cache namespace.
+            namespace = ("lora", msg.lora_id, msg.namespace)
         seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
-        req = Request(msg.rid, list(msg.input_ids), msg.params, seed, msg.group, msg.namespace,
-                      order=next(self._order), want_prompt_logprobs=msg.prompt_logprobs)
+        req = Request(msg.rid, list(msg.input_ids), msg.params, seed, msg.group, namespace,
+                      lora_id=msg.lora_id, order=next(self._order), want_prompt_logprobs=msg.prompt_logprobs)
         self.by_rid[req.rid] = req
         self.waiting.append(req)
 
@@ -67,6 +87,8 @@ class Scheduler:
         vocab = self.runner.config.vocab_size
         if min(msg.input_ids) < 0 or max(msg.input_ids) >= vocab:
             return f"prompt token ids must be in [0, {vocab})"
+        if msg.lora_id and self.lora is None:
+            return "LoRA adapters are not enabled on this server (--enable-lora)"
         return None
 
     def abort(self, rid: str) -> None:
@@ -83,6 +105,8 @@ class Scheduler:
     def _finish(self, req: Request, token_out: TokenOutput | None = None) -> None:
         self.kv.release(req)
         del self.by_rid[req.rid]
+        if req.lora_id and self.lora.release(req.lora_id):
+            self._unloaded(req.lora_id)
         out = token_out or TokenOutput(req.rid, prompt_tokens=len(req.prompt_ids),
                                        cached_tokens=req.cached_tokens)
         out.finish_reason, out.matched_stop = req.finish_reason, req.matched_stop
@@ -94,6 +118,42 @@ class Scheduler:
             return False
         self.kv.tree.reset()
         return True
+
+    # ---- LoRA adapters
+    def _lora_reply(self, req_id: str, success: bool, message: str = "", not_found: bool = False) -> None:
+        adapters = [LoRAAdapterInfo(*a) for a in self.lora.loaded()] if self.lora else []
+        self.control.append(LoRAUpdateOutput(req_id, success, message, not_found, adapters))
+
+    def load_lora(self, msg: LoadLoRAReq) -> None:
+        if self.lora is None:
+            return self._lora_reply(msg.req_id, False, "LoRA adapters are not enabled on this server (--enable-lora)")
+        try:
+            self.lora.load(msg.name, msg.path, msg.pinned)
+        except LoRAError as e:
+            return self._lora_reply(msg.req_id, False, str(e))
+        self._lora_reply(msg.req_id, True, f"loaded LoRA adapter {msg.name!r}")
+
+    def unload_lora(self, msg: UnloadLoRAReq) -> None:
+        """Answered at once, or when the adapter's last request finishes (they are never cut short)."""
+        if self.lora is None:
+            return self._lora_reply(msg.req_id, False, "LoRA adapters are not enabled on this server (--enable-lora)")
+        try:
+            lid, gone = self.lora.start_unload(msg.name)
+        except LoRANotFoundError as e:
+            return self._lora_reply(msg.req_id, False, str(e), not_found=True)
+        self._unloads.setdefault(lid, []).append(msg.req_id)
+        if gone:
+            self._unloaded(lid)
+
+    def _unloaded(self, lid: int) -> None:
+        # Its cached prefixes can never match again: free them now rather than when evicted.
+        self.kv.tree.drop_namespaces(lambda ns: isinstance(ns, tuple) and ns[:2] == ("lora", lid))
+        for req_id in self._unloads.pop(lid, []):
+            self._lora_reply(req_id, True, "unloaded")
+
+    def take_control(self) -> list[LoRAUpdateOutput]:
+        out, self.control = self.control, []
+        return out
 
     def stats(self, flushed: bool = False) -> Stats:
         return Stats(num_running=len(self.running), num_waiting=len(self.waiting), kv_total=self.kv.capacity,
@@ -109,14 +169,20 @@ class Scheduler:
     # ---- one step
     def step(self) -> None:
         plan = plan_step(self.running, self.waiting, self.kv, self.args.max_running_requests,
-                         self.args.chunked_prefill_size)
+                         self.args.chunked_prefill_size, self.args.max_loras_per_batch if self.lora else None)
         for req in plan.admitted:
             self.sampler.set_row(req.row, req.params, req.prompt_ids, req.output_ids, req.seed)
         if not plan.entries:
             return
         prefilling = [req for req, _ in plan.entries if req.num_computed < len(req.prompt_ids)]
         slots = self.kv.alloc(sum(n for _, n in plan.entries))
-        batch = build_batch(plan.entries, slots, self.kv.pool.req_to_token, self.runner.device)
+        lora_ids = {req.lora_id for req, _ in plan.entries if req.lora_id}
+        if lora_ids:
+            batch = build_batch(plan.entries, slots, self.kv.pool.req_to_token, self.runner.device,
+                                self.lora.prepare(lora_ids), max(self.lora.rank(i) for i in lora_ids),
+                                self.lora.buffers.num_slots, self.lora.linears(lora_ids))
+        else:  # the LoRA path costs nothing when no request of the step uses an adapter
+            batch = build_batch(plan.entries, slots, self.kv.pool.req_to_token, self.runner.device)
         logits = self.runner.forward(batch.model_input)
         for req, n in plan.entries:
             req.num_computed += n
@@ -194,6 +260,7 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready) -> 
         "architecture": runner.config.architecture, "dtype": str(runner.dtype).removeprefix("torch."),
         "device": str(runner.device), "max_total_tokens": scheduler.kv.capacity,
         "eos_token_ids": sorted(scheduler.eos_ids),
+        "loras": [msgspec.structs.asdict(LoRAAdapterInfo(*a)) for a in scheduler.lora.loaded()] if scheduler.lora else [],
     })
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)
@@ -220,11 +287,17 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready) -> 
                     send.send(encoder.encode(scheduler.stats(flushed=scheduler.flush_cache())))
                 elif isinstance(msg, StatsReq):
                     send.send(encoder.encode(scheduler.stats()))
+                elif isinstance(msg, LoadLoRAReq):
+                    scheduler.load_lora(msg)
+                elif isinstance(msg, UnloadLoRAReq):
+                    scheduler.unload_lora(msg)
             if scheduler.has_work():
                 scheduler.step()
             outputs = scheduler.take_outputs()
             if outputs:
                 send.send(encoder.encode(BatchOutput(outputs)))
+            for reply in scheduler.take_control():  # after the outputs of the requests it waited for
+                send.send(encoder.encode(reply))
     except KeyboardInterrupt:
         pass
     finally:

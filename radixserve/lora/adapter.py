@@ -186,7 +186,8 @@ def load_adapter(path: str, cfg: ModelConfig, layout: dict[str, LinearLayout], m
     acfg = read_adapter_config(path)
     rank = acfg["r"]
     if rank > max_rank:
-        raise LoRAError(f"LoRA adapter {path!r} has rank {rank}, above --max-lora-rank {max_rank}")
+        raise LoRAError(f"LoRA adapter {path!r} has rank {rank}, above --max-lora-rank {max_rank} (by default "
+                        f"the largest rank among --lora-paths)")
     alpha = acfg.get("lora_alpha", rank)
     scaling = alpha / math.sqrt(rank) if acfg.get("use_rslora") else alpha / rank
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -209,7 +210,8 @@ def load_adapter(path: str, cfg: ModelConfig, layout: dict[str, LinearLayout], m
     outside = [t for t in targets if t not in allowed]
     if outside:
         raise LoRAError(f"LoRA adapter {path!r} targets {', '.join(outside)}, outside --lora-target-modules "
-                        f"({', '.join(t for t in TARGET_MODULES if t in allowed)})")
+                        f"({', '.join(t for t in TARGET_MODULES if t in allowed)}; by default the modules that "
+                        f"--lora-paths adapters target)")
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for (layer, target), ab in sorted(pairs.items(), key=lambda kv: (kv[0][0], TARGET_MODULES.index(kv[0][1]))):
         where = f"layer {layer} {target}"

@@ -22,7 +22,7 @@ class LoRABuffers:
                 rows = max_rank * len(lay.pieces)
                 a = torch.zeros(num_slots, rows, lay.in_features, dtype=dtype, device=device)
                 b = torch.zeros(num_slots, rows, lay.out_features, dtype=dtype, device=device)
-                linear.lora_a, linear.lora_b, linear.lora_pieces = a, b, len(lay.pieces)
+                linear.lora_a, linear.lora_b, linear.lora_pieces, linear.lora_name = a, b, len(lay.pieces), name
                 self.tensors[(i, name)] = (a, b)
         self.slot_of: dict[int, int] = {}  # adapter id → slot
         self._owner: list[int | None] = [None] * num_slots

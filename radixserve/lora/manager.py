@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.config import ModelConfig, ServerArgs
-from radixserve.lora.adapter import LinearLayout, LoRAAdapter, LoRAError, load_adapter
+from radixserve.lora.adapter import LINEAR_OF, LinearLayout, LoRAAdapter, LoRAError, load_adapter
 from radixserve.lora.buffers import LoRABuffers
 from radixserve.lora.refs import LoRANotFoundError, parse_lora_paths
 
@@ -25,6 +25,7 @@ class _Entry:
     path: str
     pinned: bool
     rank: int
+    linears: frozenset[str]  # the model's linears it targets
     adapter: LoRAAdapter | None  # None: evicted from memory, reloaded from path when asked again
     refs: int = 0  # requests submitted and not finished
     last_use: int = 0
@@ -56,7 +57,8 @@ class LoRAManager:
         start = time.perf_counter()
         adapter = self._read(path)
         lid = next(self._ids)
-        self.entries[lid] = _Entry(lid, name, path, pinned, adapter.rank, adapter, last_use=next(self._clock))
+        linears = frozenset(LINEAR_OF[t] for t in adapter.targets)
+        self.entries[lid] = _Entry(lid, name, path, pinned, adapter.rank, linears, adapter, last_use=next(self._clock))
         self.by_name[name] = lid
         logger.info("loaded LoRA adapter %r from %s (rank %d, %s) in %.2fs", name, path, adapter.rank,
                     ", ".join(adapter.targets), time.perf_counter() - start)
@@ -138,6 +140,10 @@ class LoRAManager:
     # ---- steps
     def rank(self, lid: int) -> int:
         return self.entries[lid].rank
+
+    def linears(self, ids: set[int]) -> frozenset[str]:
+        """The linears some of these adapters target (the others skip LoRA in their step)."""
+        return frozenset().union(*(self.entries[i].linears for i in ids))
 
     def prepare(self, ids: set[int]) -> dict[int, int]:
         """Buffer slots of a step's adapters (all in use, so in memory)."""

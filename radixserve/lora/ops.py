@@ -27,9 +27,11 @@ class LoRABatch:
     offsets: torch.Tensor  # [slots] int32, cumulative end of each slot's segment, relative to start
     rank: int  # the largest rank among this step's adapters (buffers are sliced to it)
     segments: list[tuple[int, int, int]]  # (slot, begin, end) of the non-empty segments
+    linears: frozenset[str] | None = None  # the linears some adapter of the step targets (None: all)
 
     @classmethod
-    def build(cls, counts: list[int], rank: int, device: torch.device) -> "LoRABatch | None":
+    def build(cls, counts: list[int], rank: int, device: torch.device,
+              linears: frozenset[str] | None = None) -> "LoRABatch | None":
         """counts[0]: base-model tokens; counts[1 + s]: tokens of the adapter in buffer slot s. None when
         no token uses an adapter (the LoRA path is then skipped)."""
         if not any(counts[1:]):
@@ -40,7 +42,7 @@ class LoRABatch:
             ends.append(end)
             if n:
                 segments.append((slot, begin, end))
-        return cls(counts[0], torch.tensor(ends, dtype=torch.int32, device=device), rank, segments)
+        return cls(counts[0], torch.tensor(ends, dtype=torch.int32, device=device), rank, segments, linears)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, pieces: int,

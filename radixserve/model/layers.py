@@ -76,9 +76,10 @@ class Linear(nn.Linear):
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
         self.lora_pieces = 0
+        self.lora_name = ""  # qkv_proj, o_proj, ...: skipped in steps whose adapters do not target it
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if lora is not None and self.lora_a is not None:
+        if lora is not None and self.lora_a is not None and (lora.linears is None or self.lora_name in lora.linears):
             add_lora(y, x, self.lora_a, self.lora_b, self.lora_pieces, lora)
         return y

@@ -19,8 +19,7 @@ from radixserve.lora.manager import LoRAManager
 from radixserve.model.runner import ModelInput, ModelRunner
 from radixserve.sampling.params import SamplingParams
 
-from conftest import ALL, TINY_ADAPTERS
-from lora_adapters import build_adapter, load_hf_base, peft_merged
+from lora_adapters import ALL, TINY_ADAPTERS, build_adapter, load_hf_base, peft_merged
 
 RTOL = 1e-4
 POOL = 160
@@ -54,7 +53,8 @@ class LoRARun:
         kv = self.runner.kv.req_to_token
         if ids:
             batch = build_batch(entries, slots, kv, self.runner.device, self.lora.prepare(ids),
-                                max(self.lora.rank(i) for i in ids), self.lora.buffers.num_slots)
+                                max(self.lora.rank(i) for i in ids), self.lora.buffers.num_slots,
+                                self.lora.linears(ids))
         else:
             batch = build_batch(entries, slots, kv, self.runner.device)
         inp = batch.model_input
