@@ -70,7 +70,7 @@ TINY_ADAPTERS = {
 # base model's within a few tokens.
 DEFAULT_ADAPTERS = {
     "attn": dict(r=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"], b_std=0.03, seed=1),
-    "mlp": dict(r=16, targets=["gate_proj", "up_proj", "down_proj"], alpha=16, use_rslora=True, b_std=0.01, seed=2),
+    "mlp": dict(r=16, targets=["gate_proj", "up_proj", "down_proj"], alpha=16, use_rslora=True, b_std=0.06, seed=2),
     "qv": dict(r=4, targets=["q_proj", "v_proj"], b_std=0.05, seed=3),
     "all": dict(r=8, targets=ALL, b_std=0.02, seed=4),
 }
