@@ -20,7 +20,7 @@ class LoRABuffers:
             for name, lay in layout.items():
                 linear: Linear = getattr(layer, name)
                 rows = max_rank * len(lay.pieces)
-                a = torch.zeros(num_slots, rows, lay.in_features, dtype=dtype, device=device)
+                a = self._extend(linear, num_slots * rows).view(num_slots, rows, lay.in_features)
                 b = torch.zeros(num_slots, rows, lay.out_features, dtype=dtype, device=device)
                 linear.lora_a, linear.lora_b, linear.lora_pieces, linear.lora_name = a, b, len(lay.pieces), name
                 self.tensors[(i, name)] = (a, b)
@@ -28,6 +28,23 @@ class LoRABuffers:
         self._owner: list[int | None] = [None] * num_slots
         self._last_use = [0] * num_slots
         self._clock = itertools.count(1)
+
+    @staticmethod
+    @torch.no_grad()
+    def _extend(linear: Linear, extra: int) -> torch.Tensor:
+        """Move the linear's weight (and bias) into a tensor with `extra` zero rows below it, which hold
+        the slots' A rows (the stacked path computes base output and x·Aᵀ in one GEMM); returns them."""
+        w = linear.weight
+        big = torch.zeros(w.shape[0] + extra, w.shape[1], dtype=w.dtype, device=w.device)
+        big[:w.shape[0]] = w
+        linear.weight.data = big[:w.shape[0]]
+        linear.lora_weight = big
+        if linear.bias is not None:
+            bias = torch.zeros(w.shape[0] + extra, dtype=linear.bias.dtype, device=w.device)
+            bias[:w.shape[0]] = linear.bias
+            linear.bias.data = bias[:w.shape[0]]
+            linear.lora_bias = bias
+        return big[w.shape[0]:]
 
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())

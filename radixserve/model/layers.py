@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixserve.lora.ops import LoRABatch, add_lora
+from radixserve.lora.ops import LoRABatch, add_lora, stacked_linear
 
 
 class RMSNorm(nn.Module):
@@ -72,14 +72,21 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int | tuple[int, ...], bias: bool = False):
         self.splits = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         super().__init__(in_features, sum(self.splits), bias=bias)
-        # Attached by lora.buffers.LoRABuffers: [slots, R * pieces, in] / [slots, R * pieces, out].
+        # Attached by lora.buffers.LoRABuffers (see lora/ops.py): the weight (and bias) extended below by
+        # every slot's A rows (zeros), of which `weight` and `bias` are the top views; lora_a views the
+        # rest as [slots, R * pieces, in]; lora_b is [slots, R * pieces, out].
+        self.lora_weight: torch.Tensor | None = None
+        self.lora_bias: torch.Tensor | None = None
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
         self.lora_pieces = 0
         self.lora_name = ""  # qkv_proj, o_proj, ...: skipped in steps whose adapters do not target it
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        if lora is None or self.lora_a is None or (lora.linears is not None and self.lora_name not in lora.linears):
+            return F.linear(x, self.weight, self.bias)
+        if lora.stacked:
+            return stacked_linear(x, self.lora_weight, self.lora_bias, self.out_features, self.lora_b, lora)
         y = F.linear(x, self.weight, self.bias)
-        if lora is not None and self.lora_a is not None and (lora.linears is None or self.lora_name in lora.linears):
-            add_lora(y, x, self.lora_a, self.lora_b, self.lora_pieces, lora)
+        add_lora(y, x, self.lora_a, self.lora_b, self.lora_pieces, lora)
         return y

@@ -15,6 +15,7 @@ import torch
 from radixserve.config import ServerArgs
 from radixserve.engine.batch import build_batch
 from radixserve.engine.request import Request
+from radixserve.lora import ops
 from radixserve.lora.manager import LoRAManager
 from radixserve.model.runner import ModelInput, ModelRunner
 from radixserve.sampling.params import SamplingParams
@@ -117,9 +118,12 @@ def test_decode_steps_match_peft(run, refs, name):
     assert_close(torch.cat(ours), ref_logits(refs, name, ids)[4:], ref_logits(refs, None, ids)[4:])
 
 
-def test_mixed_batch_of_base_and_adapters(run, refs):
+@pytest.mark.parametrize("path", ["stacked", "grouped"])
+def test_mixed_batch_of_base_and_adapters(run, refs, monkeypatch, path):
     """One forward pass per step for the base and three adapters (ranks 4, 8, 16; two requests share an
-    adapter), prefill chunks and decodes together; then a fourth adapter takes a slot (3 slots)."""
+    adapter), prefill chunks and decodes together; then a fourth adapter takes a slot (3 slots). Both
+    LoRA paths (lora/ops.py), forced."""
+    monkeypatch.setattr(ops, "STACKED_SLACK", 10**9 if path == "stacked" else -10**9)
     names = [None, "r4_qv", "r8_all", "r16_mlp_rslora", "r8_all"]
     seqs = [random_ids(n, seed=10 + i) for i, n in enumerate((14, 9, 20, 12, 17))]
     ref = [ref_logits(refs, name, s) for name, s in zip(names, seqs)]

@@ -1,12 +1,15 @@
-"""The batched LoRA kernel against a per-token reference: segments per buffer slot (empty ones too),
-base tokens untouched, rank slicing, the grouped_mm path and the per-adapter fallback loop."""
+"""The batched LoRA kernels against a per-token reference: segments per buffer slot (empty ones too),
+base tokens untouched, rank slicing, the grouped_mm path, its per-adapter fallback loop, and the
+stacked path (A rows below the base weight, masked dense expand)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import radixserve.lora.ops as ops
+from radixserve.lora.buffers import LoRABuffers
 from radixserve.lora.ops import LoRABatch, add_lora
+from radixserve.model.layers import Linear
 
 SLOTS, MAX_RANK, PIECES, IN, OUT = 5, 8, 3, 32, 48
 
@@ -70,3 +73,52 @@ def test_bfloat16_close():
     add_lora(y, x, a, b, PIECES, LoRABatch.build(counts, MAX_RANK, torch.device("cpu")))
     ref = reference(torch.zeros(6, OUT), x.float(), a.float(), b.float(), [None, 0, 0, 2, 2, 2], MAX_RANK)
     assert (y.double() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def lora_linear(bias: bool) -> Linear:
+    """A fused 3-piece Linear with random base weights and random stacked adapter buffers attached the
+    way LoRABuffers attaches them (A rows stored below the base weight)."""
+    g = torch.Generator().manual_seed(4)
+    lin = Linear(IN, (16, 16, 16), bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(OUT, IN, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(OUT, generator=g))
+    rows = MAX_RANK * PIECES
+    lin.lora_a = LoRABuffers._extend(lin, SLOTS * rows).view(SLOTS, rows, IN)
+    a, b = buffers()
+    lin.lora_a.copy_(a)
+    lin.lora_b, lin.lora_pieces, lin.lora_name = b, PIECES, "qkv_proj"
+    return lin
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("counts", [[3, 2, 0, 4, 0, 1], [0, 1, 1, 1, 1, 1], [5, 0, 2, 3, 0, 0], [2, 6, 0, 0, 0, 0]])
+def test_stacked_and_grouped_paths_match_reference(bias, counts):
+    lin = lora_linear(bias)
+    x = torch.randn(sum(counts), IN, generator=torch.Generator().manual_seed(5))
+    token_slots = [None] * counts[0] + [s for s in range(SLOTS) for _ in range(counts[s + 1])]
+    with torch.no_grad():
+        base = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        ref = reference(base, x, lin.lora_a, lin.lora_b, token_slots, MAX_RANK)
+        batch = LoRABatch.build(counts, MAX_RANK, torch.device("cpu"))
+        assert batch.stacked and batch.slots_used == max(s for s in range(SLOTS) if counts[s + 1]) + 1
+        stacked = lin(x, batch)
+        batch.stacked = False
+        grouped = lin(x, batch)
+        plain = lin(x)
+    assert torch.allclose(stacked.double(), ref, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(grouped.double(), ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(plain, base)
+    assert lin.weight.data_ptr() == lin.lora_weight.data_ptr()  # the base weight is a view of the stack
+
+
+def test_path_choice():
+    cpu = torch.device("cpu")
+    assert LoRABatch.build([4, 3, 3, 3, 3, 0], 8, cpu).stacked  # decode over several adapters
+    assert LoRABatch.build([0, 256, 0, 0, 0, 0], 8, cpu).stacked  # one adapter in the first slot: no waste
+    assert not LoRABatch.build([0, 0, 0, 0, 256, 0], 8, cpu).stacked  # ... in the fourth: 4x the work
+    assert not LoRABatch.build([16, 256, 16, 0, 0, 0], 8, cpu).stacked  # prefill-sized over two slots
+    only = LoRABatch.build([2, 0, 0, 1, 0, 1], 8, cpu)
+    assert only.slots_used == 5 and only.token_slots.tolist() == [2, 4]
+    assert only.mask(2, torch.float32).tolist() == [[0] * 4 + [1, 1] + [0] * 4, [0] * 8 + [1, 1]]
