@@ -176,9 +176,6 @@ class LoRAAdapter:
     targets: tuple[str, ...]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
-    def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
-
 
 def load_adapter(path: str, cfg: ModelConfig, layout: dict[str, LinearLayout], max_rank: int,
                  dtype: torch.dtype) -> LoRAAdapter:

@@ -147,9 +147,5 @@ class LoRAManager:
 
     def prepare(self, ids: set[int]) -> dict[int, int]:
         """Buffer slots of a step's adapters (all in use, so in memory)."""
-        pinned = {i for i in ids if self.entries[i].pinned} | {e.id for e in self.entries.values() if e.pinned}
+        pinned = {e.id for e in self.entries.values() if e.pinned}
         return self.buffers.assign({i: self.entries[i].adapter for i in sorted(ids)}, pinned)
-
-    def is_resident(self, lid: int) -> bool:
-        entry = self.entries.get(lid)
-        return entry is not None and entry.adapter is not None
