@@ -42,7 +42,8 @@ def best_us(fns: list, reps: int) -> dict[str, float]:
 
 
 def linear_level(cfg, dtype: torch.dtype, rank: int, slots: int = 8) -> None:
-    q, kv, h, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    h, inter = cfg.hidden_size, cfg.intermediate_size
     mods = {"qkv": (h, q + 2 * kv, 3), "o": (q, h, 1), "gate_up": (h, 2 * inter, 2), "down": (inter, h, 1)}
     cases = {"decode 16 (4 adapters + base)": [4, 3, 3, 3, 3] + [0] * (slots - 4),
              "prefill 256 (one adapter)": [0, 256] + [0] * (slots - 1)}

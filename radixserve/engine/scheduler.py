@@ -255,12 +255,13 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready) -> 
         ready.send({"error": f"{type(e).__name__}: {e}"})
         return
     runner = scheduler.runner
+    loras = scheduler.lora.loaded() if scheduler.lora else []
     ready.send({
         "context_length": scheduler.max_seq_len, "vocab_size": runner.config.vocab_size,
         "architecture": runner.config.architecture, "dtype": str(runner.dtype).removeprefix("torch."),
         "device": str(runner.device), "max_total_tokens": scheduler.kv.capacity,
         "eos_token_ids": sorted(scheduler.eos_ids),
-        "loras": [msgspec.structs.asdict(LoRAAdapterInfo(*a)) for a in scheduler.lora.loaded()] if scheduler.lora else [],
+        "loras": [msgspec.structs.asdict(LoRAAdapterInfo(*a)) for a in loras],
     })
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)

@@ -68,10 +68,11 @@ class LoRABuffers:
         return {lid: self.slot_of[lid] for lid in adapters}
 
     def _victim(self, keep: set[int], pinned: set[int]) -> int:
-        """A free slot, else the least recently used one of an adapter outside this step, unpinned first."""
+        """The lowest free slot (the stacked path reads slots up to the highest in use), else the least
+        recently used one of an adapter outside this step, unpinned first."""
         candidates = [s for s, owner in enumerate(self._owner) if owner not in keep]
         return min(candidates, key=lambda s: (self._owner[s] is not None, self._owner[s] in pinned,
-                                              self._last_use[s]))
+                                              self._last_use[s] if self._owner[s] is not None else s))
 
     def release(self, lid: int | None) -> None:
         """Forget an adapter's slot (its weights stay until overwritten, and are never read meanwhile)."""

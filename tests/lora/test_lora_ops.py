@@ -122,3 +122,34 @@ def test_path_choice():
     only = LoRABatch.build([2, 0, 0, 1, 0, 1], 8, cpu)
     assert only.slots_used == 5 and only.token_slots.tolist() == [2, 4]
     assert only.mask(2, torch.float32).tolist() == [[0] * 4 + [1, 1] + [0] * 4, [0] * 8 + [1, 1]]
+
+
+def test_buffer_slots_lowest_free_then_lru_unpinned_first():
+    from torch import nn
+
+    from radixserve.lora.adapter import LinearLayout, LoRAAdapter
+
+    layer = nn.Module()
+    layer.o_proj = Linear(8, 8)
+    model = nn.Module()
+    model.layers = nn.ModuleList([layer])
+    bufs = LoRABuffers(model, {"o_proj": LinearLayout(8, 8, (("o_proj", 0, 8),))}, num_slots=3, max_rank=4,
+                       dtype=torch.float32, device=torch.device("cpu"))
+
+    def adapter(lid: int, rank: int = 2) -> LoRAAdapter:
+        w = (torch.full((rank, 8), float(lid)), torch.full((rank, 8), float(-lid)))
+        return LoRAAdapter(f"/a{lid}", rank, 1.0, ("o_proj",), {(0, "o_proj"): w})
+
+    a, b = layer.o_proj.lora_a, layer.o_proj.lora_b
+    assert bufs.assign({1: adapter(1), 2: adapter(2)}, set()) == {1: 0, 2: 1}
+    assert torch.equal(a[1, :2], torch.full((2, 8), 2.0)) and not a[1, 2:].any()  # rows past its rank: zero
+    bufs.release(1)
+    assert bufs.assign({3: adapter(3)}, set()) == {3: 0}  # the lowest free slot, not a fresh one
+    assert bufs.assign({4: adapter(4, rank=4)}, set()) == {4: 2}
+    # Full: a new adapter takes the least recently used slot outside the step, pinned ones last.
+    assert bufs.assign({2: adapter(2)}, set()) == {2: 1}  # 2 used again: 3 is now the oldest
+    assert bufs.assign({5: adapter(5)}, pinned={3}) == {5: 2}  # 3 is pinned: 4 goes instead
+    assert bufs.slot_of == {3: 0, 2: 1, 5: 2}
+    assert torch.equal(b[2, :2], torch.full((2, 8), -5.0)) and not b[2, 2:].any()  # 4's rank-4 rows cleared
+    with pytest.raises(RuntimeError, match="scheduler bug"):
+        bufs.assign({i: adapter(i) for i in range(6, 10)}, set())
