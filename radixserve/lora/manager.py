@@ -110,6 +110,8 @@ class LoRAManager:
                 entry.adapter = self._read(entry.path)
             except LoRAError as e:
                 raise LoRAError(f"LoRA adapter {entry.name!r} could not be reloaded: {e}") from None
+            # The folder may have changed since it was first loaded.
+            entry.rank, entry.linears = entry.adapter.rank, frozenset(LINEAR_OF[t] for t in entry.adapter.targets)
             logger.info("reloaded LoRA adapter %r", entry.name)
         entry.refs += 1
         entry.last_use = next(self._clock)

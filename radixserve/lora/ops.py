@@ -4,13 +4,13 @@ The step's tokens are laid out base first, then each adapter's tokens contiguous
 (engine/batch.py sorts them), so every adapter's tokens form one segment. Each LoRA-aware linear adds
 every adapter's delta B·A·x in a few tensor ops, in one of two ways chosen per step:
 
-- grouped (prefill-sized steps): two segmented matmuls over the stacked per-slot weights,
-      y[start:] += grouped_mm(grouped_mm(x[start:], Aᵀ), B)   (one segment per slot; empty ones cost nothing)
+- grouped (larger steps over several slots): two segmented matmuls over the stacked per-slot weights,
+      y[start:] += grouped_mm(grouped_mm(x[start:], Aᵀ), B)   (one segment per slot, empty ones free)
   sliced to the step's largest rank. On the CPU grouped_mm runs one small matmul per adapter, which
   costs 20-30 µs each in bfloat16 whatever its size: fine for long segments, too slow for decodes.
-- stacked (decode-sized steps, and steps using only the first slots): the A rows of every slot are stored right below
-  the base weight (one tensor), so one GEMM yields the base output and every slot's x·Aᵀ at once; a
-  mask keeps each token's own slot, and one more GEMM over the stacked B adds the deltas:
+- stacked (decode-sized steps, and steps using only the first slots): the A rows of every slot are
+  stored right below the base weight (one tensor), so one GEMM yields the base output and every slot's
+  x·Aᵀ at once; a mask keeps each token's own slot, and one more GEMM over the stacked B adds the deltas:
       [y | h] = x · [W; A_0; ...; A_n]ᵀ      y[start:] += (h[start:] * mask) · [B_0; ...; B_n]
   Its extra work grows with tokens × slots in use, so larger steps over many slots take the grouped path.
 
