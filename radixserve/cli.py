@@ -11,6 +11,7 @@ import typing
 
 from radixserve.bench.run import add_bench_args, bench as run_bench
 from radixserve.config import ServerArgs
+from radixserve.lora.refs import LoRANotFoundError
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -46,7 +47,7 @@ def _generate(ns: argparse.Namespace) -> None:
     params = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature}
     args = server_args_from(ns)
     with Engine(**dataclasses.asdict(args)) as engine:
-        out = engine.generate(ns.prompt, params)
+        out = engine.generate(ns.prompt, params, lora_path=ns.lora_path)
     print(json.dumps(out, indent=2) if ns.json else out["text"])
 
 
@@ -87,13 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--json", action="store_true", help="print the whole result with its meta_info")
+    gen.add_argument("--lora-path", default=None, help="the LoRA adapter to use: a --lora-paths name or a folder")
     add_server_args(gen)
     gen.set_defaults(func=_generate)
 
     ns = parser.parse_args(argv)
     try:
         ns.func(ns)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, LoRANotFoundError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -79,6 +79,19 @@ class ServerArgs:
     enable_metrics: bool = _flag(False, "serve Prometheus metrics at /metrics")
     log_requests: bool = _flag(False, "log every request's parameters and outcome")
     num_threads: int | None = _flag(None, "CPU threads for the engine; default: all cores")
+    enable_lora: bool = _flag(False, "serve LoRA adapters per request (implied by --lora-paths)")
+    lora_paths: list[str] | None = _flag(
+        None, "LoRA adapters (PEFT folders) to load at start: PATH, NAME=PATH or JSON "
+              '{"lora_name": ..., "lora_path": ..., "pinned": ...}')
+    max_loras_per_batch: int = _flag(8, "distinct LoRA adapters in one batch at most (the base model not counted)")
+    max_loaded_loras: int | None = _flag(
+        None, "adapters whose weights are kept in memory at most; the least recently used unpinned one "
+              "is evicted beyond (and reloaded from its path when asked again); default: unlimited")
+    max_lora_rank: int | None = _flag(None, "largest adapter rank accepted; default: the largest among "
+                                            "--lora-paths (16 without any)")
+    lora_target_modules: list[str] | None = _flag(
+        None, "projections adapters may target (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, "
+              "or all); default: those the --lora-paths adapters target (all without any)")
     log_level: str = _flag("info", "logging level", ("debug", "info", "warning", "error"))
     is_embedding: bool = _flag(
         False, "serve the model for /v1/embeddings (a Llama-family model then embeds with last-token pooling, "
@@ -110,6 +123,26 @@ class ServerArgs:
             self.matryoshka_dimensions = sorted(set(dims))
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        from radixserve.lora.refs import parse_lora_paths, parse_target_modules
+
+        refs = parse_lora_paths(self.lora_paths)  # raises on malformed items
+        if refs:
+            self.enable_lora = True
+        parse_target_modules(self.lora_target_modules)
+        if self.max_loras_per_batch < 1:
+            raise ValueError(f"max_loras_per_batch must be >= 1, got {self.max_loras_per_batch}")
+        if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
+            raise ValueError(f"max_loaded_loras ({self.max_loaded_loras}) must be >= max_loras_per_batch "
+                             f"({self.max_loras_per_batch})")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        pinned = sum(r.pinned for r in refs)
+        if pinned >= self.max_loras_per_batch:
+            raise ValueError(f"{pinned} pinned LoRA adapters leave no batch slot for the others: pin fewer "
+                             f"than max_loras_per_batch ({self.max_loras_per_batch})")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
@@ -102,6 +102,32 @@ class RadixCache:
             self.allocator.free(torch.cat(owned))
         self._roots = {}
         self._evictable = 0
+
+    def drop_namespaces(self, which: Callable[[Hashable], bool]) -> int:
+        """Free every unlocked cached prefix of the namespaces `which` selects (e.g. an unloaded LoRA
+        adapter's, which no request can match again); returns the tokens freed."""
+        freed = []
+        for ns in [ns for ns in self._roots if which(ns)]:
+            stack = list(self._roots[ns].children.values())
+            leaves = []
+            while stack:
+                node = stack.pop()
+                stack.extend(node.children.values())
+                if not node.children:
+                    leaves.append(node)
+            for leaf in leaves:  # remove unlocked subtrees bottom-up; locked paths stay
+                node = leaf
+                while node.parent is not None and not node.children and node.lock_ref == 0:
+                    parent = node.parent
+                    del parent.children[node.key[0]]
+                    node.parent = None
+                    self._evictable -= len(node.key)
+                    freed.append(node.value)
+                    node = parent
+        if freed:
+            self.allocator.free(torch.cat(freed))
+        self._prune_roots()
+        return sum(len(v) for v in freed)
 
     # ---- lookup / insert ---------------------------------------------------------------
 

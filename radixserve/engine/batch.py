@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from radixserve.engine.request import Request
+from radixserve.lora.ops import LoRABatch
 from radixserve.model.attention import AttentionMetadata, AttnGroup
 from radixserve.model.runner import ModelInput
 
@@ -23,21 +24,41 @@ class ScheduledBatch:
 
 
 def build_batch(entries: list[tuple[Request, int]], slots: torch.Tensor, req_to_token: torch.Tensor,
-                device: torch.device) -> ScheduledBatch:
+                device: torch.device, lora_slots: dict[int, int] | None = None, lora_rank: int = 0,
+                num_lora_slots: int = 0, lora_linears: frozenset[str] | None = None) -> ScheduledBatch:
     """Lay the step's tokens out as [decodes..., prefill chunks...] and record their new slots in each
-    request's row of req_to_token (which attention then reads)."""
+    request's row of req_to_token (which attention then reads).
+
+    With LoRA adapters in the step (lora_slots: adapter id → buffer slot), the tokens are laid out by
+    adapter instead (base first, then each buffer slot's requests), so that each adapter's tokens form
+    one segment for the batched LoRA matmuls; attention and the logit rows follow each entry's offset."""
+    seg = [0] * len(entries)
+    if lora_slots:
+        seg = [lora_slots[req.lora_id] + 1 if req.lora_id else 0 for req, _ in entries]
+    order = sorted(range(len(entries)), key=seg.__getitem__) if lora_slots else None
     input_ids: list[int] = []
-    for req, n in entries:
+    for i in order or range(len(entries)):
+        req, n = entries[i]
         input_ids.extend(req.tokens(req.num_computed, req.num_computed + n))
     starts = torch.tensor([req.num_computed for req, _ in entries], dtype=torch.int64)
     lens = torch.tensor([n for _, n in entries], dtype=torch.int64)
     rows = torch.tensor([req.row for req, _ in entries], dtype=torch.int64)
-    offsets = torch.cumsum(lens, 0) - lens  # where each entry's tokens start in the step
     total = len(input_ids)
-    positions = starts.repeat_interleave(lens) + torch.arange(total) - offsets.repeat_interleave(lens)
+    if order is None:
+        offsets = torch.cumsum(lens, 0) - lens  # where each entry's tokens start in the step
+        positions = starts.repeat_interleave(lens) + torch.arange(total) - offsets.repeat_interleave(lens)
+        token_rows = rows.repeat_interleave(lens)
+    else:
+        perm = torch.tensor(order, dtype=torch.int64)
+        lens_l = lens[perm]
+        offsets_l = torch.cumsum(lens_l, 0) - lens_l
+        offsets = torch.empty_like(offsets_l)
+        offsets[perm] = offsets_l
+        positions = starts[perm].repeat_interleave(lens_l) + torch.arange(total) - offsets_l.repeat_interleave(lens_l)
+        token_rows = rows[perm].repeat_interleave(lens_l)
 
     rows, starts, lens, offsets, positions = (t.to(device) for t in (rows, starts, lens, offsets, positions))
-    req_to_token[rows.repeat_interleave(lens), positions] = slots
+    req_to_token[token_rows.to(device), positions] = slots
 
     num_single = sum(1 for _, n in entries if n == 1)
     groups = []
@@ -58,6 +79,11 @@ def build_batch(entries: list[tuple[Request, int]], slots: torch.Tensor, req_to_
         meta=AttentionMetadata(out_cache_loc=slots, groups=groups),
         logit_index=logit_index.to(device),
     )
+    if lora_slots:
+        counts = [0] * (num_lora_slots + 1)
+        for s, (_, n) in zip(seg, entries):
+            counts[s] += n
+        batch.model_input.lora = LoRABatch.build(counts, lora_rank, device, lora_linears)
     return batch
 
 

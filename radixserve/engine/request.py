@@ -15,6 +15,7 @@ class Request:
     seed: int
     group: str | None = None
     namespace: Hashable = None
+    lora_id: int = 0  # the LoRA adapter (0: the base model)
     output_ids: list[int] = field(default_factory=list)
     order: int = 0  # arrival order: the newest running request is preempted first
     want_prompt_logprobs: bool = False

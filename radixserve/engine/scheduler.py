@@ -19,8 +19,11 @@ from radixserve.engine.batch import build_batch
 from radixserve.engine.kv_manager import KVManager
 from radixserve.engine.policy import plan_step
 from radixserve.engine.request import Request
+from radixserve.lora.adapter import LoRAError
+from radixserve.lora.refs import LoRANotFoundError
 from radixserve.managers.messages import (AbortReq, BatchOutput, EmbedBatch, EmbedReq, EngineInput, FlushCacheReq,
-                                          GenerateReq, Stats, StatsReq, TokenOutput)
+                                          GenerateReq, LoadLoRAReq, LoRAAdapterInfo, LoRAUpdateOutput, Stats,
+                                          StatsReq, TokenOutput, UnloadLoRAReq)
 from radixserve.model.loader import embedding_kind, load_tokenizer
 from radixserve.model.pooling import embedding_info, finish
 from radixserve.model.runner import ModelRunner
@@ -55,6 +58,13 @@ class Scheduler:
         self.outputs: list[TokenOutput] = []
         self._rng = random.Random(args.random_seed)
         self._order = itertools.count()
+        self.lora = None
+        if self.runner.lora_buffers is not None:
+            from radixserve.lora.manager import LoRAManager
+
+            self.lora = LoRAManager(args, cfg, self.runner.lora_buffers, self.runner.lora_layout, self.runner.dtype)
+        self.control: list[LoRAUpdateOutput] = []  # answers to adapter loads/unloads
+        self._unloads: dict[int, list[str]] = {}  # adapter id → unload requests waiting for its requests
 
     def info(self) -> dict:
         """What the API process needs to know about the model (sent once the engine is ready)."""
@@ -67,6 +77,7 @@ class Scheduler:
         }
         if self.embedding is not None:
             info.update(embedding_info(self.embedding, runner.embedding_dim, runner.matryoshka_dimensions))
+        info["loras"] = [msgspec.structs.asdict(LoRAAdapterInfo(*a)) for a in self.lora.loaded()] if self.lora else []
         return info
 
     # ---- requests in and out
@@ -80,9 +91,19 @@ class Scheduler:
             req = Request(msg.rid, list(msg.input_ids), _EMBED_PARAMS, 0, order=next(self._order),
                           dimensions=msg.dimensions)
         else:
+            namespace = msg.namespace
+            if msg.lora_id:
+                try:
+                    self.lora.acquire(msg.lora_id)
+                except (LoRAError, LoRANotFoundError) as e:
+                    self.outputs.append(TokenOutput(msg.rid, finish_reason="error", error=str(e),
+                                                    prompt_tokens=len(msg.input_ids)))
+                    return
+                # An adapter's KV differs from the base model's: it gets its own prefix-cache namespace.
+                namespace = ("lora", msg.lora_id, msg.namespace)
             seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
-            req = Request(msg.rid, list(msg.input_ids), msg.params, seed, msg.group, msg.namespace,
-                          order=next(self._order), want_prompt_logprobs=msg.prompt_logprobs)
+            req = Request(msg.rid, list(msg.input_ids), msg.params, seed, msg.group, namespace,
+                          lora_id=msg.lora_id, order=next(self._order), want_prompt_logprobs=msg.prompt_logprobs)
         self.by_rid[req.rid] = req
         if req.params.grammar is None:
             self.waiting.append(req)
@@ -132,6 +153,8 @@ class Scheduler:
         vocab = self.runner.config.vocab_size
         if min(msg.input_ids) < 0 or max(msg.input_ids) >= vocab:
             return f"{'input' if embed else 'prompt'} token ids must be in [0, {vocab})"
+        if not embed and msg.lora_id and self.lora is None:
+            return "LoRA adapters are not enabled on this server (--enable-lora)"
         return None
 
     def abort(self, rid: str) -> None:
@@ -150,6 +173,8 @@ class Scheduler:
     def _finish(self, req: Request, token_out: TokenOutput | None = None) -> None:
         self.kv.release(req)
         del self.by_rid[req.rid]
+        if req.lora_id and self.lora.release(req.lora_id):
+            self._unloaded(req.lora_id)
         out = token_out or TokenOutput(req.rid, prompt_tokens=len(req.prompt_ids),
                                        cached_tokens=req.cached_tokens)
         out.finish_reason, out.matched_stop = req.finish_reason, req.matched_stop
@@ -161,6 +186,42 @@ class Scheduler:
             return False
         self.kv.tree.reset()
         return True
+
+    # ---- LoRA adapters
+    def _lora_reply(self, req_id: str, success: bool, message: str = "", not_found: bool = False) -> None:
+        adapters = [LoRAAdapterInfo(*a) for a in self.lora.loaded()] if self.lora else []
+        self.control.append(LoRAUpdateOutput(req_id, success, message, not_found, adapters))
+
+    def load_lora(self, msg: LoadLoRAReq) -> None:
+        if self.lora is None:
+            return self._lora_reply(msg.req_id, False, "LoRA adapters are not enabled on this server (--enable-lora)")
+        try:
+            self.lora.load(msg.name, msg.path, msg.pinned)
+        except LoRAError as e:
+            return self._lora_reply(msg.req_id, False, str(e))
+        self._lora_reply(msg.req_id, True, f"loaded LoRA adapter {msg.name!r}")
+
+    def unload_lora(self, msg: UnloadLoRAReq) -> None:
+        """Answered at once, or when the adapter's last request finishes (they are never cut short)."""
+        if self.lora is None:
+            return self._lora_reply(msg.req_id, False, "LoRA adapters are not enabled on this server (--enable-lora)")
+        try:
+            lid, gone = self.lora.start_unload(msg.name)
+        except LoRANotFoundError as e:
+            return self._lora_reply(msg.req_id, False, str(e), not_found=True)
+        self._unloads.setdefault(lid, []).append(msg.req_id)
+        if gone:
+            self._unloaded(lid)
+
+    def _unloaded(self, lid: int) -> None:
+        # Its cached prefixes can never match again: free them now rather than when evicted.
+        self.kv.tree.drop_namespaces(lambda ns: isinstance(ns, tuple) and ns[:2] == ("lora", lid))
+        for req_id in self._unloads.pop(lid, []):
+            self._lora_reply(req_id, True, "unloaded")
+
+    def take_control(self) -> list[LoRAUpdateOutput]:
+        out, self.control = self.control, []
+        return out
 
     def stats(self, flushed: bool = False) -> Stats:
         return Stats(num_running=len(self.running), num_waiting=len(self.waiting) + len(self.compiling), kv_total=self.kv.capacity,
@@ -182,7 +243,7 @@ class Scheduler:
         if self.compiling:
             self._admit_compiled()
         plan = plan_step(self.running, self.waiting, self.kv, self.args.max_running_requests,
-                         self.args.chunked_prefill_size)
+                         self.args.chunked_prefill_size, self.args.max_loras_per_batch if self.lora else None)
         if self.embedding is None:
             for req in plan.admitted:
                 self.sampler.set_row(req.row, req.params, req.prompt_ids, req.output_ids, req.seed)
@@ -190,7 +251,13 @@ class Scheduler:
             return
         prefilling = [req for req, _ in plan.entries if req.num_computed < len(req.prompt_ids)]
         slots = self.kv.alloc(sum(n for _, n in plan.entries))
-        batch = build_batch(plan.entries, slots, self.kv.pool.req_to_token, self.runner.device)
+        lora_ids = {req.lora_id for req, _ in plan.entries if req.lora_id}
+        if lora_ids:
+            batch = build_batch(plan.entries, slots, self.kv.pool.req_to_token, self.runner.device,
+                                self.lora.prepare(lora_ids), max(self.lora.rank(i) for i in lora_ids),
+                                self.lora.buffers.num_slots, self.lora.linears(lora_ids))
+        else:  # the LoRA path costs nothing when no request of the step uses an adapter
+            batch = build_batch(plan.entries, slots, self.kv.pool.req_to_token, self.runner.device)
         # Grammar bitmasks are filled while the model runs.
         matchers = [r.matcher for r in batch.sampled]
         bitmask = self.grammar.bitmask_async(matchers) if any(m is not None for m in matchers) else None
@@ -342,11 +409,17 @@ def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready,
                     send.send(encoder.encode(scheduler.stats(flushed=scheduler.flush_cache())))
                 elif isinstance(msg, StatsReq):
                     send.send(encoder.encode(scheduler.stats()))
+                elif isinstance(msg, LoadLoRAReq):
+                    scheduler.load_lora(msg)
+                elif isinstance(msg, UnloadLoRAReq):
+                    scheduler.unload_lora(msg)
             if scheduler.has_work():
                 scheduler.step()
             outputs = scheduler.take_outputs()
             if outputs:
                 send.send(encoder.encode(BatchOutput(outputs)))
+            for reply in scheduler.take_control():  # after the outputs of the requests it waited for
+                send.send(encoder.encode(reply))
     except KeyboardInterrupt:
         pass
     finally:

@@ -38,8 +38,9 @@ class Engine:
     async def _create(self) -> TokenizerManager:
         return TokenizerManager(self.args)
 
-    async def _submit(self, ids: list[int], params: SamplingParams):
-        return self.tokenizer_manager.submit(ids, params)
+    async def _submit(self, ids: list[int], params: SamplingParams, lora: str | None = None):
+        tm = self.tokenizer_manager
+        return tm.submit(ids, params, lora_id=await tm.resolve_lora(lora))
 
     async def _close(self) -> None:
         await self.tokenizer_manager.stop_receiving()
@@ -69,42 +70,53 @@ class Engine:
             params = [_to_params(sampling_params)] * len(ids)
         return ids, params, single
 
-    async def _run_one(self, ids: list[int], params: SamplingParams) -> list[dict]:
+    async def _run_one(self, ids: list[int], params: SamplingParams, lora: str | None = None) -> list[dict]:
         results = [SequenceResult() for _ in range(params.n)]
-        handle = self.tokenizer_manager.submit(ids, params)
+        handle = await self._submit(ids, params, lora)
         async for chunk in handle:
             results[chunk.index].add(chunk)
         return [r.to_dict(sub) for r, sub in zip(results, handle.sub_rids)]
 
-    async def _run_all(self, ids, params) -> list[list[dict]]:
-        return await asyncio.gather(*(self._run_one(i, p) for i, p in zip(ids, params)))
+    async def _run_all(self, ids, params, loras) -> list[list[dict]]:
+        return await asyncio.gather(*(self._run_one(i, p, lo) for i, p, lo in zip(ids, params, loras)))
+
+    @staticmethod
+    def _loras(lora_path: str | list[str | None] | None, n: int) -> list[str | None]:
+        if not isinstance(lora_path, list):
+            return [lora_path] * n
+        if len(lora_path) != n:
+            raise ValueError(f"{len(lora_path)} lora_path entries for {n} prompts")
+        return lora_path
 
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | SamplingParams | list | None = None,
-                 input_ids: list[int] | list[list[int]] | None = None) -> dict | list[dict]:
+                 input_ids: list[int] | list[list[int]] | None = None,
+                 lora_path: str | list[str | None] | None = None) -> dict | list[dict]:
         """One prompt → a dict (a list of n dicts when n > 1); a list of prompts → a flat list,
         prompt-major. Each dict: text, output_ids, meta_info (finish_reason, prompt/completion/cached
-        tokens, logprobs when asked)."""
+        tokens, logprobs when asked). lora_path: the LoRA adapter (a loaded name or an adapter folder),
+        one for all prompts or one per prompt (None: the base model)."""
         ids, params, single = self._requests(prompt, input_ids, sampling_params)
-        per_prompt = self._call(self._run_all(ids, params))
+        per_prompt = self._call(self._run_all(ids, params, self._loras(lora_path, len(ids))))
         if single and params[0].n == 1:
             return per_prompt[0][0]
         return [d for group in per_prompt for d in group]
 
     async def async_generate(self, prompt: str | None = None, sampling_params: dict | SamplingParams | None = None,
-                             input_ids: list[int] | None = None, stream: bool = False):
+                             input_ids: list[int] | None = None, stream: bool = False, lora_path: str | None = None):
         """Await the result dict, or with stream=True get an async iterator of increments
         ({"index", "text", "output_ids", "finish_reason", "meta_info"} with the new text/tokens only)."""
         ids, params, single = self._requests(prompt, input_ids, sampling_params)
         if not single:
             raise ValueError("async_generate takes one prompt")
         if stream:
-            return self._stream(ids[0], params[0])
-        fut = asyncio.run_coroutine_threadsafe(self._run_one(ids[0], params[0]), self._loop)
+            return self._stream(ids[0], params[0], lora_path)
+        fut = asyncio.run_coroutine_threadsafe(self._run_one(ids[0], params[0], lora_path), self._loop)
         out = await asyncio.wrap_future(fut)
         return out[0] if params[0].n == 1 else out
 
-    async def _stream(self, ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
-        handle = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._submit(ids, params), self._loop))
+    async def _stream(self, ids: list[int], params: SamplingParams, lora: str | None) -> AsyncIterator[dict]:
+        handle = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._submit(ids, params, lora),
+                                                                            self._loop))
         agen = handle.__aiter__()
         try:
             while True:
@@ -147,6 +159,15 @@ class Engine:
         results = self._call(tm.embed(ids, tm.embedding_dimensions(dimensions)))
         vectors = [np.frombuffer(r.data, dtype="<f4").tolist() for r in results]
         return vectors[0] if single else vectors
+    # ---- LoRA adapters
+    def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> dict[str, str]:
+        """Load a PEFT adapter folder; returns {name: path} of the loaded adapters. ValueError naming what
+        is wrong with the files."""
+        return self._call(self.tokenizer_manager.load_lora_adapter(lora_name, lora_path, pinned))
+
+    def unload_lora_adapter(self, lora_name: str) -> dict[str, str]:
+        """Unload an adapter once its running requests have finished."""
+        return self._call(self.tokenizer_manager.unload_lora_adapter(lora_name))
 
     def flush_cache(self) -> bool:
         return self._call(self.tokenizer_manager.flush_cache()).flushed

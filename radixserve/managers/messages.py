@@ -13,6 +13,7 @@ class GenerateReq(msgspec.Struct, tag=True):
     group: str | None = None  # the n samples of one prompt share a group: its KV is computed once
     namespace: str | None = None  # prefix-cache namespace (cache_salt, LoRA adapter)
     prompt_logprobs: bool = False  # logprobs (top: params.top_logprobs) of the prompt's tokens too
+    lora_id: int = 0  # the LoRA adapter (ids from LoRAUpdateOutput.adapters; 0: the base model)
 
 
 class EmbedReq(msgspec.Struct, tag=True):
@@ -40,6 +41,37 @@ class FlushCacheReq(msgspec.Struct, tag=True):
 
 class StatsReq(msgspec.Struct, tag=True):
     pass
+
+
+class LoadLoRAReq(msgspec.Struct, tag=True):
+    req_id: str
+    name: str
+    path: str
+    pinned: bool = False
+
+
+class UnloadLoRAReq(msgspec.Struct, tag=True):
+    """Answered once the adapter's running and queued requests have finished."""
+
+    req_id: str
+    name: str
+
+
+class LoRAAdapterInfo(msgspec.Struct):
+    id: int
+    name: str
+    path: str
+    pinned: bool = False
+
+
+class LoRAUpdateOutput(msgspec.Struct, tag=True):
+    """The answer to LoadLoRAReq / UnloadLoRAReq, with the adapters loaded afterwards."""
+
+    req_id: str
+    success: bool
+    message: str = ""
+    not_found: bool = False  # unload of a name that is not loaded
+    adapters: list[LoRAAdapterInfo] = []
 
 
 class TokenOutput(msgspec.Struct):
@@ -73,5 +105,5 @@ class Stats(msgspec.Struct, tag=True):
     flushed: bool = False
 
 
-EngineInput = GenerateReq | EmbedReq | EmbedBatch | AbortReq | FlushCacheReq | StatsReq
-EngineOutput = BatchOutput | Stats
+EngineInput = GenerateReq | EmbedReq | EmbedBatch | AbortReq | FlushCacheReq | StatsReq | LoadLoRAReq | UnloadLoRAReq
+EngineOutput = BatchOutput | Stats | LoRAUpdateOutput

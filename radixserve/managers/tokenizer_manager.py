@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import tempfile
 import time
@@ -20,9 +21,11 @@ import zmq.asyncio
 from radixserve.config import ServerArgs
 from radixserve.constrained.grammar import check_constraint, tokenizer_vocab
 from radixserve.engine.scheduler import run_engine_process
+from radixserve.lora.refs import LoRANotFoundError
 from radixserve.managers.detokenizer import IncrementalDetokenizer
 from radixserve.managers.messages import (AbortReq, BatchOutput, EmbedBatch, EmbedReq, EngineOutput, FlushCacheReq,
-                                          GenerateReq, Stats, StatsReq, TokenOutput)
+                                          GenerateReq, LoadLoRAReq, LoRAAdapterInfo, LoRAUpdateOutput, Stats,
+                                          StatsReq, TokenOutput, UnloadLoRAReq)
 from radixserve.model.loader import load_tokenizer
 from radixserve.sampling.params import SamplingParams
 
@@ -163,6 +166,11 @@ class TokenizerManager:
         self._seqs: dict[str, _SeqState] = {}
         self._embeds: dict[str, _EmbedState] = {}
         self._stats_waiters: list[asyncio.Future] = []
+        self._control_waiters: dict[str, asyncio.Future] = {}  # adapter loads/unloads, by request id
+        self._path_loads: dict[str, asyncio.Future] = {}  # adapters loaded by path for a request
+        self._unloading: set[str] = set()  # names no new request may use, whatever a reply still lists
+        # The adapters requests may use (name → id, path), as the engine last reported them.
+        self.loras: dict[str, LoRAAdapterInfo] = {a["name"]: LoRAAdapterInfo(**a) for a in info.get("loras", [])}
         self._recv_task: asyncio.Task | None = None
         self.num_active = 0  # sequences submitted and not yet released
         self.metrics = None  # an object with on_token/on_finish (the server's Prometheus metrics)
@@ -212,9 +220,14 @@ class TokenizerManager:
                                   f"--max-queued-requests {limit}); retry later")
 
     def submit(self, input_ids: list[int], params: SamplingParams, rid: str | None = None,
-               namespace: str | None = None, prompt_logprobs: bool = False) -> "RequestHandle":
-        """Admit a request (or raise OverloadedError at once) and send its params.n sequences to the engine."""
+               namespace: str | None = None, prompt_logprobs: bool = False, lora_id: int = 0) -> "RequestHandle":
+        """Admit a request (or raise OverloadedError at once) and send its params.n sequences to the engine.
+        lora_id: from resolve_lora (0: the base model)."""
         check_constraint(params)
+        if lora_id and all(a.id != lora_id for a in self.loras.values()):
+            # Unloaded meanwhile (an unload leaves self.loras before the engine hears of it, so a request
+            # that passes this check reaches the engine before the unload does).
+            raise LoRANotFoundError(f"the LoRA adapter was unloaded; loaded: {self._lora_names()}")
         self._admit(params.n, f"n={params.n}")
         self._ensure_receiving()
         rid = rid or uuid.uuid4().hex
@@ -228,7 +241,7 @@ class TokenizerManager:
                 self.tokenizer, input_ids, skip_special_tokens=params.skip_special_tokens,
                 spaces_between_special_tokens=params.spaces_between_special_tokens, stop=params.stop))
             self._send_msg(GenerateReq(sub, input_ids, sub_params, group=rid if params.n > 1 else None,
-                                       namespace=namespace, prompt_logprobs=prompt_logprobs))
+                                       namespace=namespace, prompt_logprobs=prompt_logprobs, lora_id=lora_id))
         self.num_active += params.n
         return handle
 
@@ -283,6 +296,79 @@ class TokenizerManager:
         self._send_msg(msg)
         return await fut
 
+    # ---- LoRA adapters
+    def _lora_names(self) -> str:
+        return ", ".join(sorted(self.loras)) or "none"
+
+    def _require_lora(self) -> None:
+        if not self.is_generation:
+            raise ValueError("LoRA adapters apply to generation models; this model is served for embeddings")
+        if not self.args.enable_lora:
+            raise ValueError("LoRA adapters are not enabled on this server (start it with --enable-lora)")
+
+    async def resolve_lora(self, name_or_path: str | None) -> int:
+        """The id of a loaded adapter given by name or by path; a path not loaded yet is loaded (named
+        after the path). 0 for None / "" (the base model). Raises LoRANotFoundError."""
+        if not name_or_path:
+            return 0
+        self._require_lora()
+        if name_or_path in self.loras:
+            return self.loras[name_or_path].id
+        for a in self.loras.values():
+            if os.path.abspath(a.path) == os.path.abspath(name_or_path):
+                return a.id
+        if not os.path.isdir(name_or_path):
+            raise LoRANotFoundError(f"LoRA adapter {name_or_path!r} is not loaded; loaded: {self._lora_names()}")
+        load = self._path_loads.get(name_or_path)
+        if load is None:  # concurrent requests for one new path load it once
+            load = asyncio.ensure_future(self.load_lora_adapter(name_or_path, name_or_path))
+            self._path_loads[name_or_path] = load
+            load.add_done_callback(lambda _: self._path_loads.pop(name_or_path, None))
+        await asyncio.shield(load)
+        return self.loras[name_or_path].id
+
+    async def load_lora_adapter(self, name: str, path: str, pinned: bool = False) -> dict[str, str]:
+        """Load a PEFT adapter folder under name; {name: path} of the adapters loaded. ValueError when
+        the files are missing or unsupported (the message names what)."""
+        self._require_lora()
+        if not name:
+            raise ValueError("lora_name must be a non-empty string")
+        if name in self.loras:
+            raise ValueError(f"a LoRA adapter named {name!r} is already loaded (unload it first)")
+        reply = await self._control(LoadLoRAReq(uuid.uuid4().hex, name, path, pinned))
+        if not reply.success:
+            raise ValueError(reply.message)
+        return self.loaded_adapters()
+
+    async def unload_lora_adapter(self, name: str) -> dict[str, str]:
+        """Unload an adapter once its running requests have finished (new ones are refused at once)."""
+        self._require_lora()
+        if name not in self.loras:
+            raise LoRANotFoundError(f"LoRA adapter {name!r} is not loaded; loaded: {self._lora_names()}")
+        del self.loras[name]
+        self._unloading.add(name)
+        try:
+            reply = await self._control(UnloadLoRAReq(uuid.uuid4().hex, name))
+        finally:
+            self._unloading.discard(name)
+        if not reply.success:
+            raise (LoRANotFoundError if reply.not_found else ValueError)(reply.message)
+        return self.loaded_adapters()
+
+    def loaded_adapters(self) -> dict[str, str]:
+        return {a.name: a.path for a in self.loras.values()}
+
+    async def _control(self, msg) -> LoRAUpdateOutput:
+        if self.dead:
+            raise EngineDeadError("the engine process is not running")
+        self._ensure_receiving()
+        fut = asyncio.get_running_loop().create_future()
+        self._control_waiters[msg.req_id] = fut
+        self._send_msg(msg)
+        reply: LoRAUpdateOutput = await fut
+        self.loras = {a.name: a for a in reply.adapters if a.name not in self._unloading}
+        return reply
+
     def _send_msg(self, msg) -> None:
         self._send.send(self._encoder.encode(msg))
 
@@ -301,6 +387,11 @@ class TokenizerManager:
             msg = self._decoder.decode(await self._recv.recv())
             if isinstance(msg, Stats):
                 self._stats_waiters.pop(0).set_result(msg)
+                continue
+            if isinstance(msg, LoRAUpdateOutput):
+                fut = self._control_waiters.pop(msg.req_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
                 continue
             assert isinstance(msg, BatchOutput)
             for out in msg.outputs:
@@ -366,9 +457,11 @@ class TokenizerManager:
         for emb in self._embeds.values():
             if not emb.future.done():
                 emb.future.set_exception(err)
-        for fut in self._stats_waiters:
-            fut.set_exception(err)
+        for fut in [*self._stats_waiters, *self._control_waiters.values()]:
+            if not fut.done():
+                fut.set_exception(err)
         self._stats_waiters.clear()
+        self._control_waiters.clear()
 
     async def stop_receiving(self) -> None:
         if self._recv_task is not None:

@@ -1,10 +1,13 @@
-"""Building blocks of the decoder: RMSNorm and rotary position embedding."""
+"""Building blocks of the decoder: RMSNorm, rotary position embedding, LoRA-aware (fused) linear."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from radixserve.lora.ops import LoRABatch, add_lora, stacked_linear
 
 
 class RMSNorm(nn.Module):
@@ -60,3 +63,30 @@ class RotaryEmbedding(nn.Module):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Linear(nn.Linear):
+    """A linear layer, possibly several fused along the output (q|k|v, gate|up), whose output gets the
+    LoRA deltas of the step's adapters once stacked adapter buffers are attached (radixserve/lora)."""
+
+    def __init__(self, in_features: int, out_features: int | tuple[int, ...], bias: bool = False):
+        self.splits = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        super().__init__(in_features, sum(self.splits), bias=bias)
+        # Attached by lora.buffers.LoRABuffers (see lora/ops.py): the weight (and bias) extended below by
+        # every slot's A rows (zeros), of which `weight` and `bias` are the top views; lora_a views the
+        # rest as [slots, R * pieces, in]; lora_b is [slots, R * pieces, out].
+        self.lora_weight: torch.Tensor | None = None
+        self.lora_bias: torch.Tensor | None = None
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+        self.lora_pieces = 0
+        self.lora_name = ""  # qkv_proj, o_proj, ...: skipped in steps whose adapters do not target it
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        if lora is None or self.lora_a is None or (lora.linears is not None and self.lora_name not in lora.linears):
+            return F.linear(x, self.weight, self.bias)
+        if lora.stacked:
+            return stacked_linear(x, self.lora_weight, self.lora_bias, self.out_features, self.lora_b, lora)
+        y = F.linear(x, self.weight, self.bias)
+        add_lora(y, x, self.lora_a, self.lora_b, self.lora_pieces, lora)
+        return y

@@ -9,7 +9,8 @@ from torch import nn
 
 from radixserve.config import ModelConfig
 from radixserve.model.attention import AttentionMetadata, paged_attention
-from radixserve.model.layers import RMSNorm, RotaryEmbedding
+from radixserve.lora.ops import LoRABatch
+from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -21,19 +22,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # q/k/v and gate/up are fused: one matmul each instead of three and two.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.split), bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.split, bias=cfg.attention_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size)
+        self.gate_up_proj = Linear(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size))
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                lora: LoRABatch | None = None) -> torch.Tensor:
         t = x.shape[0]
         h = self.input_layernorm(x)
-        q, k, v = self.qkv_proj(h).split(self.split, dim=-1)
+        q, k, v = self.qkv_proj(h, lora).split(self.split, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -41,9 +43,9 @@ class DecoderLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
         attn = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
-        x = x + self.o_proj(attn.view(t, -1))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        x = x + self.o_proj(attn.view(t, -1), lora)
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x), lora).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up, lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -58,13 +60,14 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, logit_index: torch.Tensor,
-                hidden: bool = False) -> torch.Tensor:
+                lora: LoRABatch | None = None, hidden: bool = False) -> torch.Tensor:
         """input_ids/positions: [T]; k_cache/v_cache: [layers, slots, KVH, D]. Returns float32 logits of
         the tokens at logit_index only (each sequence's last token), [len(logit_index), vocab]; with
-        hidden=True their final (normed) hidden states instead, [len(logit_index), hidden_size]."""
+        hidden=True their final (normed) hidden states instead, [len(logit_index), hidden_size].
+        lora: where the step's adapter tokens are (None: base model only)."""
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, (k_cache[i], v_cache[i]), meta)
+            x = layer(x, positions, self.rotary, (k_cache[i], v_cache[i]), meta, lora)
         x = self.norm(x[logit_index])
         if hidden:
             return x.float()

@@ -10,6 +10,7 @@ import torch
 
 from radixserve.cache.kv_pool import KVPool
 from radixserve.config import ModelConfig, ServerArgs
+from radixserve.lora.ops import LoRABatch
 from radixserve.model.attention import AttentionMetadata
 from radixserve.model.layers import RotaryEmbedding
 from radixserve.model.llama import LlamaForCausalLM
@@ -64,6 +65,7 @@ class ModelInput:
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     logit_index: torch.Tensor  # [B] step positions whose next-token logits are needed
+    lora: LoRABatch | None = None  # the adapters' token segments; None when no token uses one
 
 
 class ModelRunner:
@@ -98,6 +100,7 @@ class ModelRunner:
         self.model = self._load(args.model_path)
         logger.info("loaded %s (%s, %s) in %.1fs", os.path.basename(args.model_path), self.dtype,
                     self.device, time.perf_counter() - start)
+        self.lora_buffers, self.lora_layout = self._lora_buffers(args) if args.enable_lora else (None, None)
         num_slots = args.max_total_tokens or self._default_pool_size(args, free_before)
         self.kv = KVPool(num_slots + 1, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                          args.max_running_requests, self.context_length, self.dtype, self.device)
@@ -114,10 +117,26 @@ class ModelRunner:
         model.load_weights((name, w.to(self.device)) for name, w in iter_weights(path, self.dtype))
         return model.eval().requires_grad_(False)
 
+    def _lora_buffers(self, args: ServerArgs):
+        """Stacked adapter weights for --max-loras-per-batch adapters, attached to the model's linears."""
+        from radixserve.lora.adapter import model_layout, read_adapter_config
+        from radixserve.lora.buffers import LoRABuffers, lora_shape
+        from radixserve.lora.refs import parse_lora_paths
+
+        initial = [(r.path, read_adapter_config(r.path)) for r in parse_lora_paths(args.lora_paths)]
+        rank, targets = lora_shape(args, initial)
+        layout = model_layout(self.config, targets)
+        buffers = LoRABuffers(self.model, layout, args.max_loras_per_batch, rank, self.dtype, self.device)
+        logger.info("LoRA: %d batch slots, rank <= %d, targets %s (%.1f MiB)", args.max_loras_per_batch, rank,
+                    ", ".join(targets), buffers.nbytes() / 2**20)
+        return buffers, layout
+
     def _default_pool_size(self, args: ServerArgs, free_before: int) -> int:
         """KV tokens that fit in mem_fraction_static of the memory free at start, less the weights."""
         cfg = self.config
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.lora_buffers is not None:
+            weights += self.lora_buffers.nbytes()
         per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         budget = int(free_before * args.mem_fraction_static) - weights
         tokens = budget // per_token
@@ -130,5 +149,5 @@ class ModelRunner:
     def forward(self, inp: ModelInput) -> torch.Tensor:
         """Float32 logits [len(inp.logit_index), vocab]; for an embedding model, the final hidden states
         [len(inp.logit_index), hidden_size] instead."""
-        return self.model(inp.input_ids, inp.positions, self.kv.k, self.kv.v, inp.meta, inp.logit_index,
+        return self.model(inp.input_ids, inp.positions, self.kv.k, self.kv.v, inp.meta, inp.logit_index, inp.lora,
                           hidden=self.embedding is not None)

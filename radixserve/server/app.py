@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixserve.config import ServerArgs
+from radixserve.lora.refs import LoRANotFoundError
 from radixserve.managers.tokenizer_manager import EngineDeadError, OverloadedError, TokenizerManager
 from radixserve.sampling.params import SamplingParams
 from radixserve.server import chat, completions, embeddings, native
@@ -22,7 +23,8 @@ from radixserve.server.errors import APIError, bad_request
 from radixserve.server.guard import Guard
 from radixserve.server.metrics import Metrics
 from radixserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                        EmbeddingRequest, GenerateRequest, ModelCard, ModelList, TokenizeRequest)
+                                        EmbeddingRequest, GenerateRequest, LoadLoRAAdapterRequest, ModelCard,
+                                        ModelList, TokenizeRequest, UnloadLoRAAdapterRequest)
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +142,7 @@ def create_app(args: ServerArgs) -> FastAPI:
 
     @app.exception_handler(OverloadedError)
     @app.exception_handler(EngineDeadError)
+    @app.exception_handler(LoRANotFoundError)
     @app.exception_handler(ValueError)  # validation below the HTTP layer (SamplingParams, engine limits)
     async def engine_error(request: Request, exc: Exception):
         return as_api_error(exc).response()
@@ -188,19 +191,28 @@ def create_app(args: ServerArgs) -> FastAPI:
             return Response(status_code=499)  # client closed the connection; nobody reads this
         return Response(body, media_type="application/json")
 
-    def model_card() -> ModelCard:
+    def model_cards() -> list[ModelCard]:
+        """The base model, then each loaded LoRA adapter as `<served name>:<adapter>`."""
         ctx = state.serving()
-        return ModelCard(id=ctx.served_model_name, root=ctx.model_path, max_model_len=ctx.tm.context_length,
-                         is_generation=ctx.is_generation)
+        return [ModelCard(id=i, root=root, parent=parent, max_model_len=ctx.tm.context_length,
+                          is_generation=ctx.is_generation) for i, root, parent in ctx.model_ids()]
 
     @app.get("/v1/models")
     async def list_models():
-        return ModelList(data=[model_card()])
+        return ModelList(data=model_cards())
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        state.serving().check_model(model_id)
-        return model_card()
+        ctx = state.serving()
+        adapter = ctx.adapter_of(model_id)
+        cards = model_cards()
+        if adapter is None:
+            return cards[0]
+        card = next((c for c in cards[1:] if c.id == f"{ctx.served_model_name}:{adapter}"), None)
+        if card is None:
+            raise APIError(404, f"LoRA adapter {adapter!r} is not loaded; loaded: "
+                                f"{', '.join(sorted(ctx.tm.loaded_adapters())) or 'none'}", code="model_not_found")
+        return card
 
     # ---- SGLang's native and operational routes
     @app.get("/health")
@@ -279,7 +291,21 @@ def create_app(args: ServerArgs) -> FastAPI:
     @app.post("/generate")
     async def generate(req: GenerateRequest, request: Request):
         log_request(request, req)
-        handles, run = native.create_generate(generating("/generate"), req)
+        handles, run = await native.create_generate(generating("/generate"), req)
         return await _respond(request, handles, run, req.stream)
+
+    # ---- LoRA adapters at run time (SGLang's routes)
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoRAAdapterRequest):
+        loaded = await state.serving().tm.load_lora_adapter(req.lora_name, req.lora_path, req.pinned)
+        return {"success": True, "message": f"loaded LoRA adapter {req.lora_name!r}", "loaded_adapters": loaded}
+
+    @app.post("/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoRAAdapterRequest):
+        try:
+            loaded = await state.serving().tm.unload_lora_adapter(req.lora_name)
+        except LoRANotFoundError as e:
+            raise APIError(404, str(e), code="model_not_found", param="lora_name") from None
+        return {"success": True, "message": f"unloaded LoRA adapter {req.lora_name!r}", "loaded_adapters": loaded}
 
     return app

@@ -151,11 +151,11 @@ def _logprobs(ctx: ServingContext, chunk: GenerationChunk) -> ChoiceLogprobs:
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[RequestHandle, object]:
     """Validate and submit; returns the handle and either a response builder (await it) or an SSE iterator."""
-    ctx.check_model(req.model)
+    lora_id = await ctx.resolve_lora(req.model, req.lora_path)
     prompt_ids = render_prompt(ctx, req)
     params = ctx.sampling_params(req, len(prompt_ids), req.max_completion_tokens or req.max_tokens,
                                  req.logprobs, req.top_logprobs or 0, constraint=_tool_constraint(ctx, req))
-    handle = ctx.tm.submit(prompt_ids, params)
+    handle = ctx.tm.submit(prompt_ids, params, lora_id=lora_id)
     if req.stream:
         return handle, _stream(ctx, req, handle, len(prompt_ids))
     return handle, _collect(ctx, req, handle, len(prompt_ids))

@@ -12,6 +12,7 @@ from typing import AsyncIterator
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from radixserve.config import ServerArgs
+from radixserve.lora.refs import LoRANotFoundError
 from radixserve.managers.tokenizer_manager import EngineDeadError, GenerationChunk, OverloadedError, RequestHandle
 from radixserve.sampling.params import SamplingParams
 from radixserve.server.errors import APIError, bad_request
@@ -56,14 +57,39 @@ class ServingContext:
                               f"not serve /v1/embeddings (start an embedding model, or this one with "
                               f"--is-embedding)", param="model")
 
-    def check_model(self, model: str) -> None:
+    def adapter_of(self, model: str) -> str | None:
+        """The LoRA adapter a model id names (`<served name>:<adapter>`), None for the base model;
+        404 for any other model."""
         if model in (self.served_model_name, self.model_path):
-            return
-        if ":" in model and model.split(":", 1)[0] in (self.served_model_name, self.model_path):
-            raise APIError(404, f"LoRA adapter {model.split(':', 1)[1]!r} is not loaded (this server has no "
-                                f"LoRA adapters)", code="model_not_found", param="model")
+            return None
+        for base in (self.served_model_name, self.model_path):
+            if model.startswith(base + ":") and len(model) > len(base) + 1:
+                return model[len(base) + 1:]
         raise APIError(404, f"The model {model!r} does not exist; this server serves {self.served_model_name!r}",
                        code="model_not_found", param="model")
+
+    async def resolve_lora(self, model: str, lora_path: str | None) -> int:
+        """The adapter of a request, named by `model` or by `lora_path` (a loaded name, or a path that is
+        loaded now); 0 for the base model. 404 naming the loaded adapters when it is not loaded."""
+        adapter = self.adapter_of(model)
+        if adapter is not None and lora_path and lora_path != adapter:
+            raise bad_request(f"model names the LoRA adapter {adapter!r} but lora_path names {lora_path!r}",
+                              param="lora_path")
+        name = adapter or lora_path
+        if name and not self.args.enable_lora:
+            raise APIError(404, f"LoRA adapter {name!r} is not loaded (this server has no LoRA adapters; start "
+                                f"it with --enable-lora)", code="model_not_found",
+                           param="model" if adapter else "lora_path")
+        try:
+            return await self.tm.resolve_lora(name)
+        except LoRANotFoundError as e:
+            raise APIError(404, str(e), code="model_not_found", param="model" if adapter else "lora_path") from None
+
+    def model_ids(self) -> list[tuple[str, str, str | None]]:
+        """(id, root, parent) of the base model and of each loaded adapter."""
+        served = self.served_model_name
+        return [(served, self.model_path, None)] + [
+            (f"{served}:{name}", path, served) for name, path in sorted(self.tm.loaded_adapters().items())]
 
     def sampling_params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool,
                         top_logprobs: int, constraint: dict[str, str] | None = None) -> SamplingParams:
@@ -156,6 +182,8 @@ def as_api_error(e: Exception) -> APIError:
     """The HTTP face of an engine-side failure (a 500 is always a bug, logged by the app)."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, LoRANotFoundError):
+        return APIError(404, str(e), code="model_not_found", param="lora_path")
     if isinstance(e, OverloadedError):
         return APIError(503, str(e), headers={"Retry-After": "1"})
     if isinstance(e, EngineDeadError):

@@ -56,7 +56,7 @@ class _Choice:
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest) -> tuple[list[RequestHandle], object]:
-    ctx.check_model(req.model)
+    lora_id = await ctx.resolve_lora(req.model, req.lora_path)
     prompts = _prompts(ctx, req.prompt)
     k = req.logprobs or 0
     params = [ctx.sampling_params(req, len(ids), req.max_tokens, req.logprobs is not None, k) for ids in prompts]
@@ -64,7 +64,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest) -> tupl
     score_prompt = req.echo and req.logprobs is not None
     try:
         for ids, p in zip(prompts, params):
-            handles.append(ctx.tm.submit(ids, p, prompt_logprobs=score_prompt))
+            handles.append(ctx.tm.submit(ids, p, prompt_logprobs=score_prompt, lora_id=lora_id))
     except Exception:
         for h in handles:
             h.close()

@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 
 from radixserve.server.common import ServingContext
-from radixserve.server.errors import bad_request
+from radixserve.server.errors import APIError, bad_request
 from radixserve.server.protocol import EmbeddingRequest
 
 _encode_json = msgspec.json.Encoder().encode  # ~15x faster than json.dumps on lists of floats
@@ -40,8 +40,11 @@ def tokenize_inputs(ctx: ServingContext, inp) -> list[list[int]]:
 def create_embedding(ctx: ServingContext, req: EmbeddingRequest) -> Awaitable[bytes]:
     """Validate and tokenize now (errors are 400s before anything runs); the returned coroutine awaits
     the engine and renders the JSON body."""
-    ctx.check_model(req.model)
+    adapter = ctx.adapter_of(req.model)
     ctx.require_embedding()
+    if adapter is not None:
+        raise APIError(404, f"LoRA adapter {adapter!r} is not loaded (LoRA adapters apply to generation models; "
+                            f"this server serves embeddings)", code="model_not_found", param="model")
     try:
         dimensions = ctx.tm.embedding_dimensions(req.dimensions)
     except ValueError as e:

@@ -9,7 +9,7 @@ from radixserve.server.errors import bad_request
 from radixserve.server.protocol import GenerateRequest
 
 
-def create_generate(ctx: ServingContext, req: GenerateRequest) -> tuple[list[RequestHandle], object]:
+async def create_generate(ctx: ServingContext, req: GenerateRequest) -> tuple[list[RequestHandle], object]:
     sp = dict(req.sampling_params or {})
     if req.return_logprob:
         sp.setdefault("logprobs", True)
@@ -29,10 +29,14 @@ def create_generate(ctx: ServingContext, req: GenerateRequest) -> tuple[list[Req
     for ids in prompts:
         if len(ids) >= ctx.tm.context_length:
             raise bad_request(f"the prompt has {len(ids)} tokens; the context length is {ctx.tm.context_length}")
+    loras = req.lora_path if isinstance(req.lora_path, list) else [req.lora_path] * len(prompts)
+    if len(loras) != len(prompts):
+        raise bad_request(f"lora_path lists {len(loras)} adapters for {len(prompts)} prompts", param="lora_path")
+    lora_ids = [await ctx.resolve_lora(ctx.served_model_name, name) for name in loras]
     handles: list[RequestHandle] = []
     try:
-        for ids in prompts:
-            handles.append(ctx.tm.submit(ids, params, rid=req.rid if single else None))
+        for ids, lora_id in zip(prompts, lora_ids):
+            handles.append(ctx.tm.submit(ids, params, rid=req.rid if single else None, lora_id=lora_id))
     except Exception:
         for h in handles:
             h.close()

@@ -67,6 +67,7 @@ class _Sampling(_Request):
     response_format: ResponseFormat | None = None
     regex: str | None = None
     ebnf: str | None = None
+    lora_path: str | None = None  # a loaded LoRA adapter's name, or an adapter folder to load (SGLang)
     # Accepted for compatibility with OpenAI clients; they do not change generation.
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -403,12 +404,23 @@ class GenerateRequest(_Request):
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     rid: str | None = None
+    lora_path: str | list[str | None] | None = None  # per prompt when a list (None: the base model)
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("give exactly one of text and input_ids")
         return self
+
+
+class LoadLoRAAdapterRequest(_Request):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    pinned: bool = False
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    lora_name: str = Field(min_length=1)
 
 
 class TokenizeRequest(_Request):

@@ -189,6 +189,27 @@ def test_namespaces_are_isolated():
     assert p == 0 and torch.equal(cache.match_prefix([1, 2, 3], "lora-a")[0], s_a2)
 
 
+def test_drop_namespaces_frees_only_their_unlocked_prefixes():
+    """An unloaded LoRA adapter's cached prefixes are freed at once; other namespaces and locked paths stay."""
+    alloc, cache = make(64)
+    keep, _ = put(cache, alloc, [1, 2, 3])
+    put(cache, alloc, [1, 2, 3], ("lora", 1, None))
+    put(cache, alloc, [1, 2, 4, 5], ("lora", 1, None))
+    put(cache, alloc, [9, 9], ("lora", 1, "salt"))
+    put(cache, alloc, [7], ("lora", 2, None))
+    _, node = cache.match_prefix([7], ("lora", 2, None))
+    cache.inc_lock(node)
+    assert cache.total_size() == 3 + 5 + 2 + 1
+    freed = cache.drop_namespaces(lambda ns: isinstance(ns, tuple) and ns[:2] == ("lora", 1))
+    assert freed == 7 and cache.total_size() == 4 and alloc.available() == 63 - 4
+    assert torch.equal(cache.match_prefix([1, 2, 3])[0], keep)
+    assert cache.match_prefix([1, 2, 3], ("lora", 1, None))[0].numel() == 0
+    assert cache.drop_namespaces(lambda ns: ns == ("lora", 2, None)) == 0  # locked: kept
+    cache.dec_lock(node)
+    assert cache.drop_namespaces(lambda ns: ns == ("lora", 2, None)) == 1
+    assert cache.total_size() == 3 and cache.evictable_size() == 3
+
+
 def test_lock_prevents_eviction_until_unlocked():
     alloc, cache = make(64)
     put(cache, alloc, [1, 2, 3])

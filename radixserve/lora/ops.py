@@ -1,0 +1,134 @@
+"""Batched LoRA application: one forward pass for tokens of the base model and of several adapters.
+
+The step's tokens are laid out base first, then each adapter's tokens contiguously in buffer-slot order
+(engine/batch.py sorts them), so every adapter's tokens form one segment. Each LoRA-aware linear adds
+every adapter's delta B·A·x in a few tensor ops, in one of two ways chosen per step:
+
+- grouped (larger steps over several slots): two segmented matmuls over the stacked per-slot weights,
+      y[start:] += grouped_mm(grouped_mm(x[start:], Aᵀ), B)   (one segment per slot, empty ones free)
+  sliced to the step's largest rank. On the CPU grouped_mm runs one small matmul per adapter, which
+  costs 20-30 µs each in bfloat16 whatever its size: fine for long segments, too slow for decodes.
+- stacked (decode-sized steps, and steps using only the first slots): the A rows of every slot are
+  stored right below the base weight (one tensor), so one GEMM yields the base output and every slot's
+  x·Aᵀ at once; a mask keeps each token's own slot, and one more GEMM over the stacked B adds the deltas:
+      [y | h] = x · [W; A_0; ...; A_n]ᵀ      y[start:] += (h[start:] * mask) · [B_0; ...; B_n]
+  Its extra work grows with tokens × slots in use, so larger steps over many slots take the grouped path.
+
+Base tokens are never touched by the grouped path, and a step without adapter tokens skips LoRA
+entirely. Measurements behind the choice: benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# The stacked path computes every step token against every slot in use (tokens × slots rows of LoRA
+# work) where the grouped path computes each adapter token once but pays a fixed cost per adapter (two
+# small matmuls, ~25 µs each on the CPU). A step takes the stacked path when its extra rows stay within
+# this many per adapter: tokens × slots_used <= adapter tokens + STACKED_SLACK × adapters. Measured on a
+# 2-core CPU (SmolLM2-135M, bfloat16, rank 16, step time relative to the base model's, stacked vs
+# grouped): decode of 16 requests over 4 adapters + base 0.84x vs 0.65x; 48 over 4 adapters 0.90x vs
+# 0.76x; a prefill of 128 tokens for each of two adapters 0.88x vs 0.84x (benchmarks/lora_kernels.py).
+STACKED_SLACK = 64
+
+
+@dataclass
+class LoRABatch:
+    """Where the adapters' tokens are in a step: tokens[start:] split into one segment per buffer slot."""
+
+    start: int  # number of base-model tokens (they come first)
+    offsets: torch.Tensor  # [slots] int32, cumulative end of each slot's segment, relative to start
+    rank: int  # the largest rank among this step's adapters (the grouped path slices buffers to it)
+    segments: list[tuple[int, int, int]]  # (slot, begin, end) of the non-empty segments
+    linears: frozenset[str] | None = None  # the linears some adapter of the step targets (None: all)
+    stacked: bool = False  # take the stacked path (see the module docstring)
+    slots_used: int = 0  # 1 + the highest slot in use: the stacked path reads slots [0, slots_used)
+    token_slots: torch.Tensor | None = None  # [tokens - start] slot of each adapter token (stacked path)
+    _masks: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, counts: list[int], rank: int, device: torch.device,
+              linears: frozenset[str] | None = None) -> "LoRABatch | None":
+        """counts[0]: base-model tokens; counts[1 + s]: tokens of the adapter in buffer slot s. None when
+        no token uses an adapter (the LoRA path is then skipped)."""
+        if not any(counts[1:]):
+            return None
+        ends, segments, end = [], [], 0
+        for slot, n in enumerate(counts[1:]):
+            begin, end = end, end + n
+            ends.append(end)
+            if n:
+                segments.append((slot, begin, end))
+        batch = cls(counts[0], torch.tensor(ends, dtype=torch.int32, device=device), rank, segments, linears)
+        batch.slots_used = segments[-1][0] + 1
+        adapter_tokens = sum(counts[1:])
+        if sum(counts) * batch.slots_used <= adapter_tokens + STACKED_SLACK * len(segments):
+            batch.stacked = True
+            batch.token_slots = torch.repeat_interleave(
+                torch.arange(len(counts) - 1, device=device), torch.tensor(counts[1:], device=device))
+        return batch
+
+    def mask(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """[adapter tokens, slots_used * rows]: 1 in the columns of the token's own slot (cached per shape)."""
+        key = (rows, dtype)
+        m = self._masks.get(key)
+        if m is None:
+            own = self.token_slots[:, None] == torch.arange(self.slots_used, device=self.token_slots.device)
+            m = self._masks[key] = own.repeat_interleave(rows, dim=1).to(dtype)
+        return m
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, pieces: int,
+             batch: LoRABatch) -> None:
+    """Grouped path: y[T, out] += the LoRA delta of x[T, in] for the adapter tokens of the step (in place).
+
+    lora_a: [slots, R * pieces, in] and lora_b: [slots, R * pieces, out] with rows ordered rank-major
+    (row r * pieces + p is rank r of piece p), so the first rank * pieces rows hold every piece's first
+    `rank` ranks: slicing them is a view that the segmented matmul reads without a copy."""
+    k = batch.rank * pieces
+    a, b = lora_a[:, :k], lora_b[:, :k]
+    xs = x[batch.start:]
+    if _grouped_mm_works(x.device.type, x.dtype):
+        h = F.grouped_mm(xs, a.transpose(1, 2), offs=batch.offsets)
+        y[batch.start:] += F.grouped_mm(h, b, offs=batch.offsets)
+        return
+    # A loop over the step's adapters (never over requests or tokens) where grouped_mm is unavailable.
+    for slot, begin, end in batch.segments:
+        seg = xs[begin:end]
+        y[batch.start + begin:batch.start + end] += (seg @ a[slot].T) @ b[slot]
+
+
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: int,
+                   lora_b: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+    """Stacked path: the linear's output with every adapter token's delta, [T, out].
+
+    weight: [out + slots * rows, in], the base weight with each slot's A rows below it (bias: [out +
+    slots * rows] with zeros there, or None); lora_b: [slots, rows, out]."""
+    rows = lora_b.shape[1]
+    n = batch.slots_used * rows
+    full = F.linear(x, weight[:out + n], None if bias is None else bias[:out + n])
+    y = full[:, :out]
+    h = full[batch.start:, out:] * batch.mask(rows, x.dtype)
+    y[batch.start:].addmm_(h, lora_b[:batch.slots_used].reshape(n, -1))
+    return y
+
+
+@functools.cache
+def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """torch's grouped_mm exists on this device and dtype, and agrees with plain matmuls (older GPUs and
+    some dtypes lack it)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 8, generator=g).to(device_type, dtype)
+        w = torch.randn(3, 8, 4, generator=g).to(device_type, dtype)
+        offs = torch.tensor([2, 2, 5], dtype=torch.int32, device=device_type)
+        out = F.grouped_mm(x, w, offs=offs)
+        ref = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
+        return bool(torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
