@@ -83,6 +83,9 @@ class EncoderScheduler:
         out, self.outputs = self.outputs, []
         return out
 
+    def take_control(self) -> list:
+        return []  # no LoRA adapters (the API process refuses them for embedding models)
+
     # ---- one step
     def step(self) -> None:
         batch: list[EmbedReq] = []
