@@ -187,6 +187,10 @@ def test_generation_routes_on_an_embedding_model(embed_server, ehttp):
                        ("/v1/completions", {"model": model, "prompt": "hi"}),
                        ("/generate", {"text": "hi"})):
         assert_error(ehttp.post(path, json=body), 400, contains="is an embedding model, not a generation model")
+    assert_error(ehttp.post("/load_lora_adapter", json={"lora_name": "x", "lora_path": "/x"}), 400,
+                 contains="LoRA adapters apply to generation models")
+    assert_error(ehttp.post("/v1/embeddings", json={"model": f"{model}:x", "input": "hi"}), 404,
+                 code="model_not_found", contains="LoRA adapters apply to generation models")
     assert_serves_embeddings(embed_server)
 
 

@@ -119,6 +119,26 @@ def test_generate_batch_lora_path_per_prompt(lhttp):
     assert_error(r, 400, contains="lora_path lists 1 adapters for 4 prompts")
 
 
+def test_adapter_with_json_schema(lhttp, lora_server):
+    """Grammar bitmasks apply to adapter rows as to any: sampled outputs of adapters and the base
+    model in one batch all validate."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["city", "rank"], "additionalProperties": False}
+    body = {"prompt": "A city as JSON:", "max_tokens": 60, "temperature": 1.0, "seed": 3,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}}
+    models = [lora_server.model] + [f"{lora_server.model}:{n}" for n in NAMES]
+    with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+        replies = list(pool.map(lambda m: lhttp.post("/v1/completions", json={"model": m, **body}), models))
+    for r in replies:
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["text"]), schema)
+
+
 def test_cache_isolation(lhttp, lora_server):
     base = lora_server.model
     prompt = "A long shared prompt about caching, repeated to be long enough to matter. " * 4 + PROMPT
