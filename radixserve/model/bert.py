@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.model.weights import Target, load_checkpoint
+
 _ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -169,39 +171,23 @@ class BertModel(nn.Module):
     }
     _QKV = {"attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2}
 
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named weights in (a bare BertModel or one under a "bert." prefix); heads that are
         not part of the encoder (pooler, masked-LM) are skipped. Every parameter must be covered."""
-        params = dict(self.named_parameters())
-        pending: dict[str, dict[int, torch.Tensor]] = {}
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            name = name.removeprefix("bert.")
-            if name.startswith(("pooler.", "cls.")) or name == "embeddings.position_ids":
-                continue
-            module, _, kind = name.rpartition(".")
-            kind = {"gamma": "weight", "beta": "bias"}.get(kind, kind)  # TF-era LayerNorm names
-            if module in self._RENAMES:
-                name = f"{self._RENAMES[module]}.{kind}"
-            elif module.startswith("encoder.layer."):
-                _, _, index, sub = module.split(".", 3)
-                if sub in self._QKV:
-                    key = f"layers.{index}.qkv.{kind}"
-                    group = pending.setdefault(key, {})
-                    group[self._QKV[sub]] = tensor
-                    if len(group) < 3:
-                        continue
-                    name, tensor = key, torch.cat([group[i] for i in range(3)])
-                    del pending[key]
-                elif sub in self._LAYER_RENAMES:
-                    name = f"layers.{index}.{self._LAYER_RENAMES[sub]}.{kind}"
-            if name not in params:
-                raise ValueError(f"unexpected weight {name!r} in checkpoint")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"weight {name}: shape {tuple(tensor.shape)} != expected {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing or pending:
-            raise ValueError(f"checkpoint is missing weights: {missing[:5] or sorted(pending)[:5]}")
+        load_checkpoint(self, weights, self._rename)
+
+    def _rename(self, name: str) -> Target:
+        name = name.removeprefix("bert.")
+        if name.startswith(("pooler.", "cls.")) or name == "embeddings.position_ids":
+            return None
+        module, _, kind = name.rpartition(".")
+        kind = {"gamma": "weight", "beta": "bias"}.get(kind, kind)  # TF-era LayerNorm names
+        if module in self._RENAMES:
+            return f"{self._RENAMES[module]}.{kind}"
+        if module.startswith("encoder.layer."):
+            _, _, index, sub = module.split(".", 3)
+            if sub in self._QKV:
+                return f"layers.{index}.qkv.{kind}", self._QKV[sub], 3
+            if sub in self._LAYER_RENAMES:
+                return f"layers.{index}.{self._LAYER_RENAMES[sub]}.{kind}"
+        return name

@@ -11,6 +11,7 @@ from radixserve.config import ModelConfig
 from radixserve.model.attention import AttentionMetadata, paged_attention
 from radixserve.lora.ops import LoRABatch
 from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding
+from radixserve.model.weights import Target, load_checkpoint
 
 
 class DecoderLayer(nn.Module):
@@ -74,40 +75,24 @@ class LlamaForCausalLM(nn.Module):
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
 
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named weights in, fusing q/k/v and gate/up; every parameter must be covered."""
-        params = dict(self.named_parameters())
-        pending: dict[str, dict[str, torch.Tensor]] = {}
-        loaded: set[str] = set()
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-        for name, tensor in weights:
-            name = name.removeprefix("model.")
-            if "rotary_emb" in name:
-                continue
-            if self.lm_head is None and name == "lm_head.weight":
-                continue  # tied: the embedding doubles as the output projection
-            parts = name.split(".")
-            # layers.{i}.self_attn.q_proj.weight → layers.{i}.qkv_proj.weight (piece 0)
-            if len(parts) == 5 and parts[3] in fused:
-                target, piece = fused[parts[3]]
-                key = f"layers.{parts[1]}.{target}.{parts[4]}"
-                group = pending.setdefault(key, {})
-                group[piece] = tensor
-                if len(group) == (3 if target == "qkv_proj" else 2):
-                    name, tensor = key, torch.cat([group[j] for j in range(len(group))])
-                    del pending[key]
-                else:
-                    continue
-            elif len(parts) == 5 and parts[2] in ("self_attn", "mlp"):
-                name = f"layers.{parts[1]}.{parts[3]}.{parts[4]}"
-            if name not in params:
-                raise ValueError(f"unexpected weight {name!r} in checkpoint")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"weight {name}: shape {tuple(tensor.shape)} != expected {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing or pending:
-            raise ValueError(f"checkpoint is missing weights: {missing[:5] or sorted(pending)[:5]}")
+        load_checkpoint(self, weights, self._rename)
+
+    # layers.{i}.self_attn.q_proj.weight → piece 0 of layers.{i}.qkv_proj.weight
+    _FUSED = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_proj": ("qkv_proj", 2, 3),
+              "gate_proj": ("gate_up_proj", 0, 2), "up_proj": ("gate_up_proj", 1, 2)}
+
+    def _rename(self, name: str) -> Target:
+        name = name.removeprefix("model.")
+        if "rotary_emb" in name:
+            return None
+        if self.lm_head is None and name == "lm_head.weight":
+            return None  # tied: the embedding doubles as the output projection
+        parts = name.split(".")
+        if len(parts) == 5 and parts[3] in self._FUSED:
+            target, piece, count = self._FUSED[parts[3]]
+            return f"layers.{parts[1]}.{target}.{parts[4]}", piece, count
+        if len(parts) == 5 and parts[2] in ("self_attn", "mlp"):
+            return f"layers.{parts[1]}.{parts[3]}.{parts[4]}"
+        return name
