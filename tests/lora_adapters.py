@@ -1,7 +1,9 @@
 """PEFT LoRA adapters with random non-zero weights for tests, and peft's merged model as the oracle."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import torch
 
@@ -74,3 +76,22 @@ DEFAULT_ADAPTERS = {
     "qv": dict(r=4, targets=["q_proj", "v_proj"], b_std=0.05, seed=3),
     "all": dict(r=8, targets=ALL, b_std=0.02, seed=4),
 }
+
+
+def edited_adapter(root, src: str, name: str, config: dict | None = None, weights=None) -> str:
+    """A copy of adapter src under root/name with config keys replaced and/or its weights transformed
+    (a function dict → dict)."""
+    from safetensors.torch import load_file, save_file
+
+    dst = os.path.join(str(root), name)
+    shutil.copytree(src, dst)
+    if config:
+        with open(os.path.join(dst, "adapter_config.json")) as f:
+            data = json.load(f)
+        data.update(config)
+        with open(os.path.join(dst, "adapter_config.json"), "w") as f:
+            json.dump(data, f)
+    if weights:
+        file = os.path.join(dst, "adapter_model.safetensors")
+        save_file(weights(load_file(file)), file)
+    return dst

@@ -2,14 +2,14 @@
 batched LoRA path cannot apply exactly (never silently wrong output)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from lora_adapters import edited_adapter
+from safetensors.torch import load_file
 
 from radixserve.lora.adapter import LoRAError, load_adapter, model_layout, read_adapter_config
 from radixserve.lora.refs import TARGET_MODULES, LoRARef, parse_lora_paths, parse_target_modules
@@ -27,19 +27,7 @@ def load(path, cfg, targets=TARGET_MODULES, max_rank=16):
 
 
 def edited(tmp_path, src: str, config: dict | None = None, weights=None, name: str = "edited") -> str:
-    """A copy of adapter src with config keys replaced and/or weights transformed (dict → dict)."""
-    dst = str(tmp_path / name)
-    shutil.copytree(src, dst)
-    if config:
-        with open(os.path.join(dst, "adapter_config.json")) as f:
-            data = json.load(f)
-        data.update(config)
-        with open(os.path.join(dst, "adapter_config.json"), "w") as f:
-            json.dump(data, f)
-    if weights:
-        file = os.path.join(dst, "adapter_model.safetensors")
-        save_file(weights(load_file(file)), file)
-    return dst
+    return edited_adapter(tmp_path, src, name, config, weights)
 
 
 def test_layout_and_scaling(tiny_adapters, cfg):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import shutil
 import time
 
 import httpx
 import pytest
 import torch
+from lora_adapters import edited_adapter
 from server_util import assert_error, assert_serving, sse_json, wait_idle
 
 PROMPT = "The capital of France is"
@@ -175,15 +175,7 @@ def bad_adapters(tmp_path_factory, default_adapters, tiny_adapters) -> dict[str,
     root = tmp_path_factory.mktemp("bad-adapters")
 
     def variant(name: str, src: str, **config) -> str:
-        dst = str(root / name)
-        shutil.copytree(src, dst)
-        if config:
-            with open(os.path.join(dst, "adapter_config.json")) as f:
-                data = json.load(f)
-            data.update(config)
-            with open(os.path.join(dst, "adapter_config.json"), "w") as f:
-                json.dump(data, f)
-        return dst
+        return edited_adapter(root, src, name, config)
 
     empty = root / "empty"
     empty.mkdir()
