@@ -31,7 +31,10 @@ class SlotAllocator:
 
 
 class KVPool:
-    """K and V tensors [layers, slots, kv_heads, head_dim] plus each running request's slot table.
+    """K and V tensors [layers, kv_heads, slots, head_dim] plus each running request's slot table.
+
+    Head-major, so that the keys a step gathers form one contiguous [tokens, head_dim] block per KV
+    head: attention's batched matmuls then read them in place instead of copying strided views.
 
     Slots are allocated at token granularity; a request's KV lives wherever its slots are, and its row
     in `req_to_token` lists them in sequence order. Only slot 0 needs zeroing: attention reads other
@@ -41,11 +44,11 @@ class KVPool:
 
     def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
                  max_rows: int, max_context: int, dtype: torch.dtype, device: torch.device):
-        shape = (num_layers, num_slots, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_slots, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.k[:, 0].zero_()
-        self.v[:, 0].zero_()
+        self.k[:, :, 0].zero_()
+        self.v[:, :, 0].zero_()
         self.slots = SlotAllocator(num_slots, device)
         self.req_to_token = torch.zeros((max_rows, max_context), dtype=torch.int64, device=device)
         self._free_rows = list(range(max_rows - 1, -1, -1))

@@ -62,7 +62,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, logit_index: torch.Tensor,
                 lora: LoRABatch | None = None, hidden: bool = False) -> torch.Tensor:
-        """input_ids/positions: [T]; k_cache/v_cache: [layers, slots, KVH, D]. Returns float32 logits of
+        """input_ids/positions: [T]; k_cache/v_cache: [layers, KVH, slots, D]. Returns float32 logits of
         the tokens at logit_index only (each sequence's last token), [len(logit_index), vocab]; with
         hidden=True their final (normed) hidden states instead, [len(logit_index), hidden_size].
         lora: where the step's adapter tokens are (None: base model only)."""

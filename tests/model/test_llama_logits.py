@@ -37,7 +37,7 @@ def make_runner(path: str, dtype: str = "float32") -> ModelRunner:
     # Noise in every slot but the reserved slot 0: stale or wrong reads must show up in the logits.
     g = torch.Generator().manual_seed(123)
     for cache in (runner.kv.k, runner.kv.v):
-        cache[:, 1:] = torch.randn(cache[:, 1:].shape, generator=g).to(cache.dtype) * 5
+        cache[:, :, 1:] = torch.randn(cache[:, :, 1:].shape, generator=g).to(cache.dtype) * 5
     return runner
 
 
