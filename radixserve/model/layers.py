@@ -81,9 +81,24 @@ class Linear(nn.Linear):
         self.lora_b: torch.Tensor | None = None
         self.lora_pieces = 0
         self.lora_name = ""  # qkv_proj, o_proj, ...: skipped in steps whose adapters do not target it
+        # The checkpoint's own 4-bit values (set_int4), used by steps of at most int4_max_tokens tokens.
+        self.int4_weight: torch.Tensor | None = None
+        self.int4_scales: torch.Tensor | None = None
+        self.int4_max_tokens = 0
+
+    def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_tokens: int) -> None:
+        """q [out, in] in 0..15, scale/zero [out, in / 32]: weight = (q - 8) * scale + zero per block of 32.
+        A decode step reads a quarter of the bfloat16 weight's bytes, and memory bandwidth is what bounds
+        a step of a few tokens on a CPU; larger steps are bound by compute, where bfloat16 GEMMs win."""
+        self.int4_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        self.int4_scales = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(self.weight.dtype)
+        self.int4_max_tokens = max_tokens
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         if lora is None or self.lora_a is None or (lora.linears is not None and self.lora_name not in lora.linears):
+            if x.shape[0] <= self.int4_max_tokens:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4_weight, 32, self.int4_scales)
+                return y if self.bias is None else y + self.bias
             return F.linear(x, self.weight, self.bias)
         if lora.stacked:
             return stacked_linear(x, self.lora_weight, self.lora_bias, self.out_features, self.lora_b, lora)

@@ -11,7 +11,7 @@ from radixserve.config import ModelConfig
 from radixserve.model.attention import AttentionMetadata, paged_attention
 from radixserve.lora.ops import LoRABatch
 from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding
-from radixserve.model.weights import Target, load_checkpoint
+from radixserve.model.weights import Target, fused, load_checkpoint
 
 
 class DecoderLayer(nn.Module):
@@ -78,6 +78,21 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named weights in, fusing q/k/v and gate/up; every parameter must be covered."""
         load_checkpoint(self, weights, self._rename)
+
+    @torch.no_grad()
+    def load_int4(self, weights: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+                  max_tokens: int) -> int:
+        """Give the projections whose every piece comes as (q, scale, zero) (see Linear.set_int4) an int4
+        path for steps of at most max_tokens tokens; returns how many got one."""
+        modules = dict(self.named_modules())
+        count = 0
+        for _, name, (q, scale, zero) in fused(weights, self._rename, strict=False):
+            linear = modules[name.removesuffix(".weight")]
+            if q.shape != linear.weight.shape:
+                raise ValueError(f"int4 weight {name}: shape {tuple(q.shape)} != {tuple(linear.weight.shape)}")
+            linear.set_int4(q, scale, zero, max_tokens)
+            count += 1
+        return count
 
     # layers.{i}.self_attn.q_proj.weight → piece 0 of layers.{i}.qkv_proj.weight
     _FUSED = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_proj": ("qkv_proj", 2, 3),

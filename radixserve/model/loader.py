@@ -86,6 +86,13 @@ def iter_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Ten
                 yield name, f.get_tensor(name).to(dtype)
 
 
+def iter_q4_weights(path: str) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """(HF name, (q, scale, zero)) for every Q4_0/Q4_1 projection weight of a GGUF file."""
+    reader = _gguf_reader(path)
+    for name, q, scale, zero in gguf_file.iter_q4_weights(reader, gguf_file.read_config(reader)):
+        yield name, (q, scale, zero)
+
+
 def load_tokenizer(path: str, tokenizer_path: str | None = None):
     """A transformers fast tokenizer with the model's chat template (GGUF metadata or the folder's files)."""
     from transformers import AutoTokenizer

@@ -14,7 +14,7 @@ from radixserve.lora.ops import LoRABatch
 from radixserve.model.attention import AttentionMetadata
 from radixserve.model.layers import RotaryEmbedding
 from radixserve.model.llama import LlamaForCausalLM
-from radixserve.model.loader import embedding_kind, iter_weights, load_model_config
+from radixserve.model.loader import embedding_kind, is_gguf, iter_q4_weights, iter_weights, load_model_config
 from radixserve.model.pooling import EmbeddingSpec, check_matryoshka, read_embedding_spec
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class ModelRunner:
                              f"max_position_embeddings {cfg.max_position_embeddings}")
         free_before = _available_memory(self.device)
         start = time.perf_counter()
+        self._int4_tokens = args.int4_decode_tokens
         self.model = self._load(args.model_path)
         logger.info("loaded %s (%s, %s) in %.1fs", os.path.basename(args.model_path), self.dtype,
                     self.device, time.perf_counter() - start)
@@ -115,6 +116,10 @@ class ModelRunner:
         model.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                        cfg.rope_scaling).to(self.device)
         model.load_weights((name, w.to(self.device)) for name, w in iter_weights(path, self.dtype))
+        if self._int4_tokens and is_gguf(path) and self.device.type == "cpu":
+            count = model.load_int4(iter_q4_weights(path), self._int4_tokens)
+            if count:
+                logger.info("int4 weights for %d projections (steps of <= %d tokens)", count, self._int4_tokens)
         return model.eval().requires_grad_(False)
 
     def _lora_buffers(self, args: ServerArgs):

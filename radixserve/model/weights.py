@@ -1,7 +1,7 @@
 """Copying a checkpoint's tensors into a model's parameters, fusing the pieces of fused projections."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -9,6 +9,33 @@ from torch import nn
 # What a model makes of a checkpoint name: None (skip it), its parameter's name, or
 # (fused parameter name, piece index, number of pieces) for e.g. q/k/v concatenated into one qkv weight.
 Target = str | tuple[str, int, int] | None
+T = TypeVar("T", torch.Tensor, tuple[torch.Tensor, ...])
+
+
+def fused(weights: Iterable[tuple[str, T]], rename: Callable[[str], Target],
+          strict: bool = True) -> Iterator[tuple[str, str, T]]:
+    """(checkpoint name, parameter name, value) with the pieces of a fused parameter concatenated along
+    the output dimension (a value may be a tuple of tensors: each is concatenated). A fused parameter
+    some of whose pieces never come is a ValueError when strict, else left out."""
+    pending: dict[str, dict[int, T]] = {}
+    for source, value in weights:
+        target = rename(source)
+        if target is None:
+            continue
+        if isinstance(target, tuple):
+            name, piece, count = target
+            group = pending.setdefault(name, {})
+            group[piece] = value
+            if len(group) < count:
+                continue
+            parts = [group[i] for i in range(count)]
+            del pending[name]
+            value = (tuple(torch.cat(p) for p in zip(*parts)) if isinstance(value, tuple) else torch.cat(parts))
+            yield source, name, value
+        else:
+            yield source, target, value
+    if pending and strict:
+        raise ValueError(f"checkpoint is missing weights: {sorted(pending)[:5]}")
 
 
 @torch.no_grad()
@@ -17,22 +44,8 @@ def load_checkpoint(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor
     """Copy every (name, tensor) into module's parameter rename(name); shapes must match and every
     parameter must be covered (ValueError naming the weight otherwise)."""
     params = dict(module.named_parameters())
-    pending: dict[str, dict[int, torch.Tensor]] = {}
     loaded: set[str] = set()
-    for source, tensor in weights:
-        target = rename(source)
-        if target is None:
-            continue
-        if isinstance(target, tuple):
-            name, piece, count = target
-            group = pending.setdefault(name, {})
-            group[piece] = tensor
-            if len(group) < count:
-                continue
-            tensor = torch.cat([group[i] for i in range(count)])
-            del pending[name]
-        else:
-            name = target
+    for source, name, tensor in fused(weights, rename):
         if name not in params:
             raise ValueError(f"unexpected weight {source!r} in checkpoint")
         if params[name].shape != tensor.shape:
@@ -40,5 +53,5 @@ def load_checkpoint(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor
         params[name].copy_(tensor)
         loaded.add(name)
     missing = sorted(set(params) - loaded)
-    if missing or pending:
-        raise ValueError(f"checkpoint is missing weights: {missing[:5] or sorted(pending)[:5]}")
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {missing[:5]}")
