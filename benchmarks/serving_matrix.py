@@ -37,9 +37,11 @@ LEVELS = {  # name → (dataset, prompts, concurrency)
 BOUND_TOK_S = {"c1": 320, "c32": 700, "shared": 700}
 
 
-def wait_healthy(url: str, timeout: float = 600) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 600) -> None:
     end = time.time() + timeout
     while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 return
@@ -60,8 +62,9 @@ class Server:
     def start(self) -> None:
         if self.name == "radixserve":
             self.log = open(f"/tmp/radixserve-matrix-{self.port}.log", "w")
-            self.proc = subprocess.Popen([sys.executable, "-m", "radixserve", "serve", "--port", str(self.port),
-                                          *self.extra], stdout=self.log, stderr=subprocess.STDOUT)
+            cli = os.path.join(os.path.dirname(sys.executable), "radixserve")
+            self.proc = subprocess.Popen([cli, "serve", "--port", str(self.port), *self.extra], stdout=self.log,
+                                         stderr=subprocess.STDOUT)
         elif self.name == "vllm":
             env = {**os.environ, "ZEN": os.environ.get("ZEN", "1")}
             subprocess.run(["bash", f"{self.tools}/vllm_cpu.sh", "start", str(self.port), *self.extra], check=True,
@@ -70,7 +73,7 @@ class Server:
             subprocess.run(["bash", f"{self.tools}/start_llamacpp.sh", str(self.port), *self.extra], check=True)
         else:
             raise ValueError(f"unknown server {self.name!r}")
-        wait_healthy(self.url)
+        wait_healthy(self.url, self.proc)
 
     def stop(self) -> None:
         if self.name == "radixserve":
