@@ -19,7 +19,11 @@ class AttnGroup:
     mask: torch.Tensor  # [G, 1, Q, K] prefill: True where a query may attend a key; decode: 0 / -inf bias
     valid: torch.Tensor | None  # [G, Q] real (non-padding) queries; None for decode groups (Q == 1)
     out_index: torch.Tensor  # [N] step positions of the real queries, in `valid` order
+    # Decode groups whose sequences all start with the same slots (a prefix-cache hit they share):
+    # those keys are read once for the whole group, and only the rest per sequence (kv_slots, mask).
+    shared_slots: torch.Tensor | None = None  # [P]
     kv_rows: torch.Tensor | None = None  # kv_slots per KV head as rows of the flat [KVH * slots, D] cache
+    shared_rows: torch.Tensor | None = None  # the same for shared_slots
 
     @classmethod
     def build(cls, q_starts: torch.Tensor, q_lens: torch.Tensor, prefix_lens: torch.Tensor,
@@ -38,15 +42,28 @@ class AttnGroup:
             ar_k[None, None, :] < kv_lens[:, None, None]
         )
         mask = mask.unsqueeze(1)
+        table = req_to_token[rows, :max_kv]
+        shared = None
         if max_q == 1:  # the decode kernel adds the mask to float32 scores
             mask = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, float("-inf"))
+            if len(rows) > 1:
+                # Leading slots every sequence has (within every sequence's length; one key stays per row).
+                same = (table == table[:1]).all(0).cumprod(0).sum()
+                p = min(int(same), int(kv_lens.min()), max_kv - 1)
+                if p >= _MIN_SHARED_KEYS:
+                    shared, table, mask = table[0, :p], table[:, p:], mask[..., p:]
         return cls(
             q_index=q_index,
-            kv_slots=req_to_token[rows, :max_kv].reshape(-1),
+            kv_slots=table.reshape(-1),
             mask=mask,
             valid=None if max_q == 1 else valid,
             out_index=q_index[valid],
+            shared_slots=shared,
         )
+
+
+# A shared prefix shorter than this is gathered per sequence like the rest (one matmul less).
+_MIN_SHARED_KEYS = 16
 
 
 @dataclass
@@ -65,14 +82,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     for g in meta.groups:
         n = g.q_index.shape[0]
         if g.kv_rows is None:  # the same for every layer: computed once per step
-            heads = torch.arange(kv_heads, device=g.kv_slots.device) * slots
-            g.kv_rows = (heads[:, None] + g.kv_slots[None, :]).reshape(-1)
+            heads = torch.arange(kv_heads, device=g.kv_slots.device)[:, None] * slots
+            g.kv_rows = (heads + g.kv_slots[None, :]).reshape(-1)
+            if g.shared_slots is not None:
+                g.shared_rows = (heads + g.shared_slots[None, :]).reshape(-1)
         # [KVH, n, K, D]: each KV head's keys of the group in one contiguous block. index_select over
         # the rows of the flat cache copies whole rows, several times faster than selecting along dim 1.
         kg = k_cache.view(-1, d).index_select(0, g.kv_rows).view(kv_heads, n, -1, d)
         vg = v_cache.view(-1, d).index_select(0, g.kv_rows).view(kv_heads, n, -1, d)
         if g.valid is None:
-            out[g.out_index] = _decode_attention(q[g.out_index], kg, vg, g.mask, scale)
+            shared = None
+            if g.shared_rows is not None:
+                shared = (k_cache.view(-1, d).index_select(0, g.shared_rows).view(kv_heads, -1, d),
+                          v_cache.view(-1, d).index_select(0, g.shared_rows).view(kv_heads, -1, d))
+            out[g.out_index] = _decode_attention(q[g.out_index], kg, vg, g.mask, scale, shared)
         else:
             o = F.scaled_dot_product_attention(q[g.q_index].transpose(1, 2), kg.transpose(0, 1), vg.transpose(0, 1),
                                                attn_mask=g.mask, scale=scale, enable_gqa=True)
@@ -80,21 +103,31 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """One query per sequence: q [G, H, D]; k, v [KVH, G, K, D] (contiguous); bias [G, 1, 1, K] (0 or -inf).
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One query per sequence: q [G, H, D]; k, v [KVH, G, K, D] (contiguous); bias [G, 1, 1, K] (0 or -inf);
+    shared: keys and values [KVH, P, D] that every sequence sees before its own K.
 
-    Two batched matmuls over (KV head, sequence) pairs, with the query heads that share a KV head
-    stacked as rows (GQA without repeating K/V), reading the gathered K/V in place. The CPU
-    flash-attention kernel is several times slower for single-query attention. Scores are normalised
-    in float32, as in the reference implementations.
+    Batched matmuls over (KV head, sequence) pairs, with the query heads that share a KV head stacked
+    as rows (GQA without repeating K/V), reading the gathered K/V in place; the shared keys take one
+    matmul per KV head with all the group's queries as rows. The CPU flash-attention kernel is several
+    times slower for single-query attention. Scores are normalised in float32, as in the reference
+    implementations.
     """
     g, h, d = q.shape
     kv_heads, _, keys, _ = k.shape
     group = h // kv_heads
     qh = q.view(g, kv_heads, group, d).transpose(0, 1).reshape(kv_heads * g, group, d)
     scores = torch.bmm(qh, k.view(kv_heads * g, keys, d).transpose(1, 2)).float()
-    scores = scores.view(kv_heads, g, group, keys).mul_(scale).add_(bias.view(1, g, 1, keys))
-    probs = scores.softmax(dim=-1).to(q.dtype).view(kv_heads * g, group, keys)
-    out = torch.bmm(probs, v.view(kv_heads * g, keys, d)).view(kv_heads, g, group, d)
-    return out.transpose(0, 1).reshape(g, h, d)
+    scores = scores.view(kv_heads, g, group, keys).add_(bias.view(1, g, 1, keys), alpha=1 / scale)
+    p = 0
+    if shared is not None:
+        ks, vs = shared
+        p = ks.shape[1]
+        prefix = torch.bmm(qh.view(kv_heads, g * group, d), ks.transpose(1, 2)).float()
+        scores = torch.cat([prefix.view(kv_heads, g, group, p), scores], dim=-1)
+    probs = scores.mul_(scale).softmax(dim=-1).to(q.dtype)
+    out = torch.bmm(probs[..., p:].reshape(kv_heads * g, group, keys), v.view(kv_heads * g, keys, d))
+    if shared is not None:
+        out = out.view(kv_heads, g * group, d).baddbmm_(probs[..., :p].reshape(kv_heads, g * group, p), vs)
+    return out.view(kv_heads, g, group, d).transpose(0, 1).reshape(g, h, d)

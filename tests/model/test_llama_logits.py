@@ -259,3 +259,37 @@ def test_rope_scaling_matches_transformers(tmp_path, kind, layout):
     ids = random_ids(SEQ_LEN, seed=16)
     ours = runner.forward(chunk_input(runner, 0, 0, ids, shuffled_slots(seed=17)[:SEQ_LEN]))
     assert_close_logits(ours, hf_logits(path, ids))
+
+
+def test_decodes_sharing_a_cached_prefix(family_dir):
+    """Sequences whose slot tables start with the same slots (a shared prefix-cache hit, or n samples of
+    one prompt) decode with those keys read once for the group: logits still match transformers, for
+    sequences of different lengths past the prefix."""
+    runner = make_runner(family_dir)
+    kv = runner.kv
+    free = iter(shuffled_slots(seed=21))
+    prefix = random_ids(20, seed=22)
+    tails = [random_ids(n, seed=23 + n) for n in (1, 3, 6)]
+    seqs = [torch.cat([prefix, t]) for t in tails]
+    prefix_slots = torch.tensor([next(free) for _ in range(len(prefix))])
+    reqs = []
+    for i, seq in enumerate(seqs):  # the prefix is computed once (the cache), then each tail but its last token
+        req = Request(rid=str(i), prompt_ids=seq.tolist(), params=SamplingParams(), seed=0)
+        req.row = kv.alloc_row()
+        kv.req_to_token[req.row, :len(prefix)] = prefix_slots
+        req.num_computed = len(prefix)
+        reqs.append(req)
+    runner.forward(chunk_input(runner, reqs[0].row, 0, prefix, prefix_slots.tolist()))
+    for req, seq in zip(reqs, seqs):
+        n = len(seq) - 1 - len(prefix)
+        if n:
+            step = build_batch([(req, n)], torch.tensor([next(free) for _ in range(n)]), kv.req_to_token,
+                               runner.device)
+            runner.forward(step.model_input)
+            req.num_computed += n
+    step = build_batch([(r, 1) for r in reqs], torch.tensor([next(free) for _ in reqs]), kv.req_to_token,
+                       runner.device)
+    (group,) = step.model_input.meta.groups
+    assert group.shared_slots is not None and group.shared_slots.tolist() == prefix_slots.tolist()
+    ours = runner.forward(step.model_input)
+    assert_close_logits(ours, torch.stack([hf_logits(family_dir, s)[-1] for s in seqs]))
