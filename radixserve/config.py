@@ -79,7 +79,7 @@ class ServerArgs:
     enable_metrics: bool = _flag(False, "serve Prometheus metrics at /metrics")
     log_requests: bool = _flag(False, "log every request's parameters and outcome")
     num_threads: int | None = _flag(None, "CPU threads for the engine; default: all cores")
-    int4_decode_tokens: int = _flag(16, "steps of at most this many tokens multiply a GGUF's Q4_0/Q4_1 projection "
+    int4_decode_tokens: int = _flag(4, "steps of at most this many tokens multiply a GGUF's Q4_0/Q4_1 projection "
                                        "weights in int4, from the file's own values (CPU); 0: never")
     enable_lora: bool = _flag(False, "serve LoRA adapters per request (implied by --lora-paths)")
     lora_paths: list[str] | None = _flag(

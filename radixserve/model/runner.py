@@ -12,7 +12,7 @@ from radixserve.cache.kv_pool import KVPool
 from radixserve.config import ModelConfig, ServerArgs
 from radixserve.lora.ops import LoRABatch
 from radixserve.model.attention import AttentionMetadata
-from radixserve.model.layers import RotaryEmbedding
+from radixserve.model.layers import RotaryEmbedding, can_pack
 from radixserve.model.llama import LlamaForCausalLM
 from radixserve.model.loader import embedding_kind, is_gguf, iter_q4_weights, iter_weights, load_model_config
 from radixserve.model.pooling import EmbeddingSpec, check_matryoshka, read_embedding_spec
@@ -116,6 +116,8 @@ class ModelRunner:
         model.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                        cfg.rope_scaling).to(self.device)
         model.load_weights((name, w.to(self.device)) for name, w in iter_weights(path, self.dtype))
+        if can_pack(self.device, self.dtype):
+            model.pack_weights()
         if self._int4_tokens and is_gguf(path) and self.device.type == "cpu":
             count = model.load_int4(iter_q4_weights(path), self._int4_tokens)
             if count:
@@ -136,10 +138,17 @@ class ModelRunner:
                     ", ".join(targets), buffers.nbytes() / 2**20)
         return buffers, layout
 
+    def _weight_tensors(self) -> list[torch.Tensor]:
+        """Parameters and the copies made for speed (packed, int4)."""
+        extra = [self.model.head_packed] + [t for m in self.model.modules()
+                                            for t in (getattr(m, "packed", None), getattr(m, "int4_weight", None),
+                                                      getattr(m, "int4_scales", None))]
+        return list(self.model.parameters()) + [t for t in extra if t is not None]
+
     def _default_pool_size(self, args: ServerArgs, free_before: int) -> int:
         """KV tokens that fit in mem_fraction_static of the memory free at start, less the weights."""
         cfg = self.config
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights = sum(t.numel() * t.element_size() for t in self._weight_tensors())
         if self.lora_buffers is not None:
             weights += self.lora_buffers.nbytes()
         per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
