@@ -90,7 +90,8 @@ def measure(url: str, ns: argparse.Namespace) -> dict:
     bench_parser = argparse.ArgumentParser()
     add_bench_args(bench_parser)
     out = {}
-    for level, (dataset, num, concurrency) in LEVELS.items():
+    for level in ns.levels:
+        dataset, num, concurrency = LEVELS[level]
         args = bench_parser.parse_args(["--base-url", url, "--dataset", dataset, "--num-prompts", str(num),
                                         "--concurrency", str(concurrency), "--output-len", str(ns.output_len),
                                         "--input-len", str(ns.input_len), "--seed", str(ns.seed)])
@@ -104,7 +105,8 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    servers, levels = list(results), list(LEVELS)
+    servers = list(results)
+    levels = list(next(iter(results.values())))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(servers)
     for ax, key, title in ((axes[0], "output_throughput", "output tok/s (higher is better)"),
@@ -124,6 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--servers", nargs="+", default=["radixserve", "vllm", "llamacpp"])
     ap.add_argument("--peer-tools", default=None, help="folder of vllm_cpu.sh / start_llamacpp.sh / stop_llamacpp.sh")
+    ap.add_argument("--levels", nargs="+", choices=list(LEVELS), default=list(LEVELS))
     ap.add_argument("--port", type=int, default=30100)
     ap.add_argument("--radixserve-args", nargs=argparse.REMAINDER, default=[],
                     help="flags for `radixserve serve` (last on the command line)")
