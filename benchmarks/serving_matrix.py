@@ -157,7 +157,8 @@ def main() -> None:
                   f"{r['output_throughput'] / BOUND_TOK_S[level]:>10.0%}{r['ttft_p50_ms']:>10.0f}"
                   f"{r['itl_p50_ms']:>9.1f}{r['itl_p99_ms']:>9.1f}{r['cache_hit_rate']:>10.0%}")
     with open(f"{ns.out}.json", "w") as f:
-        json.dump({"args": vars(ns), "bound_tok_s": BOUND_TOK_S, "results": results}, f, indent=2)
+        args = {k: v for k, v in vars(ns).items() if k != "peer_tools"}
+        json.dump({"args": args, "bound_tok_s": BOUND_TOK_S, "results": results}, f, indent=2)
     plot(results, f"{ns.out}.png")
     print(f"wrote {ns.out}.json and {ns.out}.png")
 

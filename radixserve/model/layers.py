@@ -124,6 +124,6 @@ class Linear(nn.Linear):
             return linear(x, self.weight, self.bias, self.packed)
         if lora.stacked:
             return stacked_linear(x, self.lora_weight, self.lora_bias, self.out_features, self.lora_b, lora)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias, self.packed)
         add_lora(y, x, self.lora_a, self.lora_b, self.lora_pieces, lora)
         return y
