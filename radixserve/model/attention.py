@@ -119,14 +119,14 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     group = h // kv_heads
     qh = q.view(g, kv_heads, group, d).transpose(0, 1).reshape(kv_heads * g, group, d)
     scores = torch.bmm(qh, k.view(kv_heads * g, keys, d).transpose(1, 2)).float()
-    scores = scores.view(kv_heads, g, group, keys).add_(bias.view(1, g, 1, keys), alpha=1 / scale)
+    scores = scores.view(kv_heads, g, group, keys).mul_(scale).add_(bias.view(1, g, 1, keys))
     p = 0
     if shared is not None:
         ks, vs = shared
         p = ks.shape[1]
-        prefix = torch.bmm(qh.view(kv_heads, g * group, d), ks.transpose(1, 2)).float()
+        prefix = torch.bmm(qh.view(kv_heads, g * group, d), ks.transpose(1, 2)).float().mul_(scale)
         scores = torch.cat([prefix.view(kv_heads, g, group, p), scores], dim=-1)
-    probs = scores.mul_(scale).softmax(dim=-1).to(q.dtype)
+    probs = scores.softmax(dim=-1).to(q.dtype)
     out = torch.bmm(probs[..., p:].reshape(kv_heads * g, group, keys), v.view(kv_heads * g, keys, d))
     if shared is not None:
         out = out.view(kv_heads, g * group, d).baddbmm_(probs[..., :p].reshape(kv_heads, g * group, p), vs)
