@@ -116,6 +116,10 @@ class Linear(nn.Linear):
     def pack_weight(self) -> None:
         self.packed = pack_weight(self.weight)
 
+    def copies(self) -> list[torch.Tensor]:
+        """The weight's copies made for speed (packed layout, int4)."""
+        return [t for t in (self.packed, self.int4_weight, self.int4_scales) if t is not None]
+
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         if lora is None or self.lora_a is None or (lora.linears is not None and self.lora_name not in lora.linears):
             if x.shape[0] <= self.int4_max_tokens:

@@ -76,6 +76,11 @@ class LlamaForCausalLM(nn.Module):
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(x, head, packed=self.head_packed).float()
 
+    def weight_copies(self) -> list[torch.Tensor]:
+        """The copies of weights made for speed (packed layouts, int4), beside the parameters."""
+        head = [] if self.head_packed is None else [self.head_packed]
+        return head + [t for m in self.modules() if isinstance(m, Linear) for t in m.copies()]
+
     def pack_weights(self) -> None:
         """Reorder every linear's weight (and the output head's) for oneDNN (see layers.pack_weight)."""
         for module in self.modules():

@@ -138,17 +138,11 @@ class ModelRunner:
                     ", ".join(targets), buffers.nbytes() / 2**20)
         return buffers, layout
 
-    def _weight_tensors(self) -> list[torch.Tensor]:
-        """Parameters and the copies made for speed (packed, int4)."""
-        extra = [self.model.head_packed] + [t for m in self.model.modules()
-                                            for t in (getattr(m, "packed", None), getattr(m, "int4_weight", None),
-                                                      getattr(m, "int4_scales", None))]
-        return list(self.model.parameters()) + [t for t in extra if t is not None]
-
     def _default_pool_size(self, args: ServerArgs, free_before: int) -> int:
         """KV tokens that fit in mem_fraction_static of the memory free at start, less the weights."""
         cfg = self.config
-        weights = sum(t.numel() * t.element_size() for t in self._weight_tensors())
+        weights = sum(t.numel() * t.element_size()
+                      for t in [*self.model.parameters(), *self.model.weight_copies()])
         if self.lora_buffers is not None:
             weights += self.lora_buffers.nbytes()
         per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
