@@ -6,8 +6,8 @@ two paths radixserve has (lora/ops.py) over whole forward passes.
 Linear level (the qkv, o, gate_up and down shapes summed, added time over the base matmuls): decode of
 16 tokens over 4 adapters + base, and a 256-token prefill of one adapter, for
   grouped      two grouped_mm over the per-slot weights (radixserve, prefill-sized steps)
-  stacked      A rows stored below the base weight: one GEMM for base + shrink, mask, one GEMM expand
-               (radixserve, decode-sized steps with several adapters)
+  stacked      one GEMM over every slot's A, mask, one GEMM over every slot's B, both through
+               oneDNN-packed copies (radixserve, decode-sized steps)
   gather-bmm   per-token gathered A and B, batched matrix-vector products (BGMV)
   padded-bmm   tokens padded per adapter to the longest segment, two bmm
   loop         one matmul pair per adapter segment
@@ -24,6 +24,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from radixserve.model.matmul import can_pack, linear, pack_weight
 
 
 def best_us(fns: list, reps: int) -> dict[str, float]:
@@ -50,10 +52,9 @@ def linear_level(cfg, dtype: torch.dtype, rank: int, slots: int = 8) -> None:
     g = torch.Generator().manual_seed(0)
     for label, counts in cases.items():
         total = {}
-        nb, ta, t = counts[0], sum(counts[1:]), sum(counts)
+        nb, t = counts[0], sum(counts)
         offs = torch.tensor(counts[1:], dtype=torch.int64).cumsum(0).to(torch.int32)
         tok_slot = torch.repeat_interleave(torch.arange(slots), torch.tensor(counts[1:]))
-        used = int(tok_slot.max()) + 1
         tmax = max(counts[1:])
         pad_idx = torch.zeros(slots, tmax, dtype=torch.long)
         valid = torch.zeros(slots, tmax, dtype=torch.bool)
@@ -69,36 +70,39 @@ def linear_level(cfg, dtype: torch.dtype, rank: int, slots: int = 8) -> None:
         for in_f, out_f, pieces in mods.values():
             rows = rank * pieces
             w = (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype)
-            big = torch.cat([w, (torch.randn(slots * rows, in_f, generator=g) * 0.02).to(dtype)])
-            a = big[out_f:].view(slots, rows, in_f)
+            a = (torch.randn(slots, rows, in_f, generator=g) * 0.02).to(dtype)
             b = (torch.randn(slots, rows, out_f, generator=g) * 0.02).to(dtype)
             x = torch.randn(t, in_f, generator=g).to(dtype)
-            mask = (tok_slot[:, None] == torch.arange(used)[None]).repeat_interleave(rows, 1).to(dtype)
+            mask = (tok_slot[:, None] == torch.arange(slots)[None]).repeat_interleave(rows, 1).to(dtype)
+            packs = can_pack(x.device, dtype)
+            w_p, a_p, b_p = ((pack_weight(w), pack_weight(a.flatten(0, 1)), pack_weight(b.flatten(0, 1).T))
+                             if packs else (None, None, None))
 
             def base():
-                return F.linear(x, w)
+                return linear(x, w, None, w_p)
 
             def grouped():
-                y = F.linear(x, w)
+                y = linear(x, w, None, w_p)
                 y[nb:] += F.grouped_mm(F.grouped_mm(x[nb:], a.transpose(1, 2), offs=offs), b, offs=offs)
 
             def stacked():
-                full = F.linear(x, big[:out_f + used * rows])
-                full[nb:, :out_f].addmm_(full[nb:, out_f:] * mask, b[:used].reshape(used * rows, out_f))
+                y = linear(x, w, None, w_p)
+                h = linear(x[nb:], a.flatten(0, 1), None, a_p) * mask
+                y[nb:] += linear(h, b.flatten(0, 1).T, None, b_p)
 
             def gather_bmm():
-                y = F.linear(x, w)
+                y = linear(x, w, None, w_p)
                 hh = torch.bmm(x[nb:, None], a[tok_slot].transpose(1, 2))
                 y[nb:] += torch.bmm(hh, b[tok_slot])[:, 0]
 
             def padded_bmm():
-                y = F.linear(x, w)
+                y = linear(x, w, None, w_p)
                 xp = x.index_select(0, pad_idx).view(slots, tmax, in_f)
                 d = torch.bmm(torch.bmm(xp, a.transpose(1, 2)), b).view(-1, out_f)
                 y[nb:] += d.index_select(0, sel)
 
             def loop():
-                y = F.linear(x, w)
+                y = linear(x, w, None, w_p)
                 for s, lo, hi in segs:
                     y[lo:hi] += (x[lo:hi] @ a[s].T) @ b[s]
 

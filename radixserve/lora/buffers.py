@@ -15,39 +15,23 @@ class LoRABuffers:
     def __init__(self, model: nn.Module, layout: dict[str, LinearLayout], num_slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device):
         self.num_slots, self.max_rank = num_slots, max_rank
-        self.tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.linears: dict[tuple[int, str], Linear] = {}
         for i, layer in enumerate(model.layers):
             for name, lay in layout.items():
                 linear: Linear = getattr(layer, name)
                 rows = max_rank * len(lay.pieces)
-                a = self._extend(linear, num_slots * rows).view(num_slots, rows, lay.in_features)
+                a = torch.zeros(num_slots, rows, lay.in_features, dtype=dtype, device=device)
                 b = torch.zeros(num_slots, rows, lay.out_features, dtype=dtype, device=device)
-                linear.lora_a, linear.lora_b, linear.lora_pieces, linear.lora_name = a, b, len(lay.pieces), name
-                self.tensors[(i, name)] = (a, b)
+                linear.attach_lora(a, b, len(lay.pieces), name)
+                self.linears[(i, name)] = linear
         self.slot_of: dict[int, int] = {}  # adapter id → slot
         self._owner: list[int | None] = [None] * num_slots
         self._last_use = [0] * num_slots
         self._clock = itertools.count(1)
 
-    @staticmethod
-    @torch.no_grad()
-    def _extend(linear: Linear, extra: int) -> torch.Tensor:
-        """Move the linear's weight (and bias) into a tensor with `extra` zero rows below it, which hold
-        the slots' A rows (the stacked path computes base output and x·Aᵀ in one GEMM); returns them."""
-        w = linear.weight
-        big = torch.zeros(w.shape[0] + extra, w.shape[1], dtype=w.dtype, device=w.device)
-        big[:w.shape[0]] = w
-        linear.weight.data = big[:w.shape[0]]
-        linear.lora_weight = big
-        if linear.bias is not None:
-            bias = torch.zeros(w.shape[0] + extra, dtype=linear.bias.dtype, device=w.device)
-            bias[:w.shape[0]] = linear.bias
-            linear.bias.data = bias[:w.shape[0]]
-            linear.lora_bias = bias
-        return big[w.shape[0]:]
-
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
+        """The stacked weights (their packed copies count among the linears' copies())."""
+        return sum(t.numel() * t.element_size() for lin in self.linears.values() for t in (lin.lora_a, lin.lora_b))
 
     def assign(self, adapters: dict[int, LoRAAdapter], pinned: set[int]) -> dict[int, int]:
         """Slots for this step's adapters (at most num_slots), copying in those not already there."""
@@ -68,8 +52,8 @@ class LoRABuffers:
         return {lid: self.slot_of[lid] for lid in adapters}
 
     def _victim(self, keep: set[int], pinned: set[int]) -> int:
-        """The lowest free slot (the stacked path reads slots up to the highest in use), else the least
-        recently used one of an adapter outside this step, unpinned first."""
+        """The lowest free slot, else the least recently used one of an adapter outside this step,
+        unpinned first."""
         candidates = [s for s, owner in enumerate(self._owner) if owner not in keep]
         return min(candidates, key=lambda s: (self._owner[s] is not None, self._owner[s] in pinned,
                                               self._last_use[s] if self._owner[s] is not None else s))
@@ -82,18 +66,19 @@ class LoRABuffers:
 
     @torch.no_grad()
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
-        for key, (a, b) in self.tensors.items():
-            w = adapter.weights.get(key)
+        for key, linear in self.linears.items():
+            a, b, w = linear.lora_a, linear.lora_b, adapter.weights.get(key)
             if w is None:
                 a[slot].zero_()
                 b[slot].zero_()
-                continue
-            rows = w[0].shape[0]
-            # Rows past the adapter's rank stay zero: a step computes up to its largest adapter's rank.
-            a[slot, :rows].copy_(w[0], non_blocking=True)
-            a[slot, rows:].zero_()
-            b[slot, :rows].copy_(w[1], non_blocking=True)
-            b[slot, rows:].zero_()
+            else:
+                rows = w[0].shape[0]
+                # Rows past the adapter's rank stay zero: a step computes up to its largest adapter's rank.
+                a[slot, :rows].copy_(w[0], non_blocking=True)
+                a[slot, rows:].zero_()
+                b[slot, :rows].copy_(w[1], non_blocking=True)
+                b[slot, rows:].zero_()
+            linear.repack_lora()
 
 
 def lora_shape(args, initial_configs: list[tuple[str, dict]]) -> tuple[int, tuple[str, ...]]:

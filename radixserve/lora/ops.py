@@ -8,14 +8,14 @@ every adapter's delta B·A·x in a few tensor ops, in one of two ways chosen per
       y[start:] += grouped_mm(grouped_mm(x[start:], Aᵀ), B)   (one segment per slot, empty ones free)
   sliced to the step's largest rank. On the CPU grouped_mm runs one small matmul per adapter, which
   costs 20-30 µs each in bfloat16 whatever its size: fine for long segments, too slow for decodes.
-- stacked (decode-sized steps, and steps using only the first slots): the A rows of every slot are
-  stored right below the base weight (one tensor), so one GEMM yields the base output and every slot's
-  x·Aᵀ at once; a mask keeps each token's own slot, and one more GEMM over the stacked B adds the deltas:
-      [y | h] = x · [W; A_0; ...; A_n]ᵀ      y[start:] += (h[start:] * mask) · [B_0; ...; B_n]
-  Its extra work grows with tokens × slots in use, so larger steps over many slots take the grouped path.
+- stacked (decode-sized steps): two plain matmuls over every slot's weights, stacked, with a mask that
+  keeps each token's own slot:
+      y[start:] += (x[start:] · [A_0; ...; A_n]ᵀ * mask) · [B_0; ...; B_n]
+  Being plain matmuls, they run through oneDNN-packed copies of the stacked weights like the base
+  weights do (layers.Linear.repack_lora). Their extra work grows with adapter tokens × slots, so
+  larger steps take the grouped path.
 
-Base tokens are never touched by the grouped path, and a step without adapter tokens skips LoRA
-entirely. Measurements behind the choice: benchmarks/RESULTS.md.
+Base tokens are never touched, and a step without adapter tokens skips LoRA entirely. Measurements behind the choice: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -25,14 +25,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# The stacked path computes every step token against every slot in use (tokens × slots rows of LoRA
-# work) where the grouped path computes each adapter token once but pays a fixed cost per adapter (two
-# small matmuls, ~25 µs each on the CPU). A step takes the stacked path when its extra rows stay within
-# this many per adapter: tokens × slots_used <= adapter tokens + STACKED_SLACK × adapters. Measured on a
-# 2-core CPU (SmolLM2-135M, bfloat16, rank 16, step time relative to the base model's, stacked vs
-# grouped): decode of 16 requests over 4 adapters + base 0.84x vs 0.65x; 48 over 4 adapters 0.90x vs
-# 0.76x; a prefill of 128 tokens for each of two adapters 0.88x vs 0.84x (benchmarks/lora_kernels.py).
-STACKED_SLACK = 64
+from radixserve.model.matmul import linear
+
+# The stacked path computes every adapter token against every slot (tokens × slots rows of LoRA work)
+# where the grouped path computes each adapter token once but pays a fixed cost per adapter (two small
+# matmuls, ~25 µs each on the CPU). A step takes the stacked path when its extra rows stay within this
+# many per adapter: adapter tokens × slots <= adapter tokens + STACKED_SLACK × adapters. Measured on a
+# 2-core CPU with 8 slots (SmolLM2-135M, bfloat16, rank 16, step time relative to the base model's,
+# stacked vs grouped; benchmarks/lora_kernels.py): decode of 16 requests over 4 adapters + base 0.71x vs
+# 0.54x; 48 over 4 adapters 0.72x vs 0.65x; a prefill of 128 tokens for each of two adapters 0.69x vs
+# 0.82x.
+STACKED_SLACK = 128
 
 
 @dataclass
@@ -45,7 +48,6 @@ class LoRABatch:
     segments: list[tuple[int, int, int]]  # (slot, begin, end) of the non-empty segments
     linears: frozenset[str] | None = None  # the linears some adapter of the step targets (None: all)
     stacked: bool = False  # take the stacked path (see the module docstring)
-    slots_used: int = 0  # 1 + the highest slot in use: the stacked path reads slots [0, slots_used)
     token_slots: torch.Tensor | None = None  # [tokens - start] slot of each adapter token (stacked path)
     _masks: dict = field(default_factory=dict)
 
@@ -63,20 +65,20 @@ class LoRABatch:
             if n:
                 segments.append((slot, begin, end))
         batch = cls(counts[0], torch.tensor(ends, dtype=torch.int32, device=device), rank, segments, linears)
-        batch.slots_used = segments[-1][0] + 1
         adapter_tokens = sum(counts[1:])
-        if sum(counts) * batch.slots_used <= adapter_tokens + STACKED_SLACK * len(segments):
+        if adapter_tokens * (len(counts) - 1) <= adapter_tokens + STACKED_SLACK * len(segments):
             batch.stacked = True
             batch.token_slots = torch.repeat_interleave(
                 torch.arange(len(counts) - 1, device=device), torch.tensor(counts[1:], device=device))
         return batch
 
     def mask(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """[adapter tokens, slots_used * rows]: 1 in the columns of the token's own slot (cached per shape)."""
+        """[adapter tokens, slots * rows]: 1 in the columns of the token's own slot (cached per shape)."""
         key = (rows, dtype)
         m = self._masks.get(key)
         if m is None:
-            own = self.token_slots[:, None] == torch.arange(self.slots_used, device=self.token_slots.device)
+            slots = len(self.offsets)
+            own = self.token_slots[:, None] == torch.arange(slots, device=self.token_slots.device)
             m = self._masks[key] = own.repeat_interleave(rows, dim=1).to(dtype)
         return m
 
@@ -101,19 +103,16 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
         y[batch.start + begin:batch.start + end] += (seg @ a[slot].T) @ b[slot]
 
 
-def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: int,
-                   lora_b: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-    """Stacked path: the linear's output with every adapter token's delta, [T, out].
+def add_lora_stacked(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                     batch: LoRABatch, a_packed: torch.Tensor | None = None,
+                     b_packed: torch.Tensor | None = None) -> None:
+    """Stacked path: y[T, out] += the LoRA delta of x[T, in] for the adapter tokens of the step (in place).
 
-    weight: [out + slots * rows, in], the base weight with each slot's A rows below it (bias: [out +
-    slots * rows] with zeros there, or None); lora_b: [slots, rows, out]."""
-    rows = lora_b.shape[1]
-    n = batch.slots_used * rows
-    full = F.linear(x, weight[:out + n], None if bias is None else bias[:out + n])
-    y = full[:, :out]
-    h = full[batch.start:, out:] * batch.mask(rows, x.dtype)
-    y[batch.start:].addmm_(h, lora_b[:batch.slots_used].reshape(n, -1))
-    return y
+    lora_a: [slots, rows, in], lora_b: [slots, rows, out]; a_packed / b_packed: their packed copies as
+    linear weights, [slots * rows, in] and [out, slots * rows] (matmul.pack_weight), or None."""
+    rows = lora_a.shape[1]
+    h = linear(x[batch.start:], lora_a.flatten(0, 1), None, a_packed) * batch.mask(rows, x.dtype)
+    y[batch.start:] += linear(h, lora_b.flatten(0, 1).T, None, b_packed)
 
 
 @functools.cache

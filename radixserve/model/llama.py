@@ -10,7 +10,8 @@ from torch import nn
 from radixserve.config import ModelConfig
 from radixserve.model.attention import AttentionMetadata, paged_attention
 from radixserve.lora.ops import LoRABatch
-from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding, linear, pack_weight
+from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding
+from radixserve.model.matmul import linear, pack_weight
 from radixserve.model.weights import Target, fused, load_checkpoint
 
 

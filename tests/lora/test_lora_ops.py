@@ -1,6 +1,6 @@
 """The batched LoRA kernels against a per-token reference: segments per buffer slot (empty ones too),
 base tokens untouched, rank slicing, the grouped_mm path, its per-adapter fallback loop, and the
-stacked path (A rows below the base weight, masked dense expand)."""
+stacked path (masked matmuls over every slot), plain and through oneDNN-packed copies."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +10,7 @@ import radixserve.lora.ops as ops
 from radixserve.lora.buffers import LoRABuffers
 from radixserve.lora.ops import LoRABatch, add_lora
 from radixserve.model.layers import Linear
+from radixserve.model.matmul import can_pack
 
 SLOTS, MAX_RANK, PIECES, IN, OUT = 5, 8, 3, 32, 48
 
@@ -75,20 +76,18 @@ def test_bfloat16_close():
     assert (y.double() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
-def lora_linear(bias: bool) -> Linear:
+def lora_linear(bias: bool, dtype=torch.float32, packed: bool = False) -> Linear:
     """A fused 3-piece Linear with random base weights and random stacked adapter buffers attached the
-    way LoRABuffers attaches them (A rows stored below the base weight)."""
+    way LoRABuffers attaches them."""
     g = torch.Generator().manual_seed(4)
-    lin = Linear(IN, (16, 16, 16), bias=bias)
+    lin = Linear(IN, (16, 16, 16), bias=bias).to(dtype)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(OUT, IN, generator=g))
         if bias:
             lin.bias.copy_(torch.randn(OUT, generator=g))
-    rows = MAX_RANK * PIECES
-    lin.lora_a = LoRABuffers._extend(lin, SLOTS * rows).view(SLOTS, rows, IN)
-    a, b = buffers()
-    lin.lora_a.copy_(a)
-    lin.lora_b, lin.lora_pieces, lin.lora_name = b, PIECES, "qkv_proj"
+    if packed:
+        lin.pack_weight()
+    lin.attach_lora(*buffers(dtype), PIECES, "qkv_proj")
     return lin
 
 
@@ -102,7 +101,7 @@ def test_stacked_and_grouped_paths_match_reference(bias, counts):
         base = torch.nn.functional.linear(x, lin.weight, lin.bias)
         ref = reference(base, x, lin.lora_a, lin.lora_b, token_slots, MAX_RANK)
         batch = LoRABatch.build(counts, MAX_RANK, torch.device("cpu"))
-        assert batch.stacked and batch.slots_used == max(s for s in range(SLOTS) if counts[s + 1]) + 1
+        assert batch.stacked
         stacked = lin(x, batch)
         batch.stacked = False
         grouped = lin(x, batch)
@@ -110,17 +109,35 @@ def test_stacked_and_grouped_paths_match_reference(bias, counts):
     assert torch.allclose(stacked.double(), ref, rtol=1e-5, atol=1e-4)
     assert torch.allclose(grouped.double(), ref, rtol=1e-5, atol=1e-4)
     assert torch.equal(plain, base)
-    assert lin.weight.data_ptr() == lin.lora_weight.data_ptr()  # the base weight is a view of the stack
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bfloat16 here")
+def test_packed_stacked_path_follows_slot_writes():
+    """The packed copies give the plain path's result, and follow a slot rewritten after packing."""
+    lin, plain = lora_linear(True, torch.bfloat16, packed=True), lora_linear(True, torch.bfloat16)
+    assert lin.lora_a_packed is not None and plain.lora_a_packed is None
+    counts = [2, 1, 0, 3, 0, 1]
+    x = torch.randn(sum(counts), IN, generator=torch.Generator().manual_seed(6)).bfloat16()
+    for rewrite in (False, True):
+        if rewrite:
+            for m in (lin, plain):
+                m.lora_b[2].mul_(-3)
+                m.repack_lora()
+        batch = LoRABatch.build(counts, MAX_RANK, torch.device("cpu"))
+        with torch.no_grad():
+            assert torch.allclose(lin(x, batch).float(), plain(x, batch).float(), rtol=1e-2, atol=0.05)
+            ref = reference(torch.nn.functional.linear(x, lin.weight, lin.bias).float(), x.float(),
+                            lin.lora_a.float(), lin.lora_b.float(), [None] * 2 + [0, 2, 2, 2, 4], MAX_RANK)
+            assert (lin(x, batch).double() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
 def test_path_choice():
     cpu = torch.device("cpu")
     assert LoRABatch.build([4, 3, 3, 3, 3, 0], 8, cpu).stacked  # decode over several adapters
-    assert LoRABatch.build([0, 256, 0, 0, 0, 0], 8, cpu).stacked  # one adapter in the first slot: no waste
-    assert not LoRABatch.build([0, 0, 0, 0, 256, 0], 8, cpu).stacked  # ... in the fourth: 4x the work
+    assert not LoRABatch.build([0, 256, 0, 0, 0, 0], 8, cpu).stacked  # one adapter's prefill: 5x the work
     assert not LoRABatch.build([16, 256, 16, 0, 0, 0], 8, cpu).stacked  # prefill-sized over two slots
     only = LoRABatch.build([2, 0, 0, 1, 0, 1], 8, cpu)
-    assert only.slots_used == 5 and only.token_slots.tolist() == [2, 4]
+    assert only.token_slots.tolist() == [2, 4]
     assert only.mask(2, torch.float32).tolist() == [[0] * 4 + [1, 1] + [0] * 4, [0] * 8 + [1, 1]]
 
 
