@@ -62,7 +62,7 @@ def test_mixed_batch_same_tokens_as_alone(lora_sched, monkeypatch):
 def test_base_only_steps_skip_lora(lora_sched, monkeypatch):
     """With adapters loaded but none used in a step, the LoRA path is not entered at all."""
     grouped = Counter(monkeypatch, layers_mod, "add_lora")
-    stacked = Counter(monkeypatch, layers_mod, "stacked_linear")
+    stacked = Counter(monkeypatch, layers_mod, "add_lora_stacked")
     s = lora_sched()
     drive(s, [lreq("a", rand_ids(10, seed=2)), lreq("b", rand_ids(5, seed=3))])
     assert grouped.calls == [] and stacked.calls == []
