@@ -33,6 +33,8 @@ class AttnGroup:
         max_q = int(q_lens.max())
         kv_lens = prefix_lens + q_lens
         max_kv = int(kv_lens.max())
+        if max_q == 1:  # decode: a key count that changes every step only every _DECODE_KEY_BUCKET steps
+            max_kv = min(-(-max_kv // _DECODE_KEY_BUCKET) * _DECODE_KEY_BUCKET, req_to_token.shape[1])
         ar_q = torch.arange(max_q, device=device)
         valid = ar_q[None, :] < q_lens[:, None]
         q_index = torch.where(valid, q_starts[:, None] + ar_q[None, :], 0)
@@ -64,6 +66,10 @@ class AttnGroup:
 
 # A shared prefix shorter than this is gathered per sequence like the rest (one matmul less).
 _MIN_SHARED_KEYS = 16
+# Decode groups pad their keys (masked) to a multiple of this: oneDNN builds a matmul kernel for every
+# new shape, which costs as much as ~30 of the small matmuls themselves, and a sequence's key count
+# grows by one each step.
+_DECODE_KEY_BUCKET = 32
 
 
 @dataclass

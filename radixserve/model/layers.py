@@ -45,24 +45,28 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor
 
 
 class RotaryEmbedding(nn.Module):
-    """Half-split ("rotate_half") rotary embedding with a precomputed cos/sin table indexed by position."""
+    """Half-split ("rotate_half") rotary embedding with a precomputed cos/sin table indexed by position.
+
+    The table is stored as full-width cos and sign-folded sin, [cos | cos] and [-sin | sin], so that
+    rotating is x * cos + roll(x, D / 2) * sin: four ops where the halves and a concatenation take
+    fourteen, with the same roundings (the product of a swapped half with a negated sin is the negated
+    product). The model looks the step's positions up once and every layer applies them."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None):
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), _inv_freq(head_dim, theta, scaling))
-        self.register_buffer("cos", freqs.cos().float(), persistent=False)
-        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+        cos, sin = freqs.cos().float(), freqs.sin().float()
+        self.register_buffer("cos", torch.cat([cos, cos], -1), persistent=False)
+        self.register_buffer("sin", torch.cat([-sin, sin], -1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D]; positions: [T]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, D] of the positions, to broadcast over heads (apply_rotary)."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by the step's table from RotaryEmbedding.forward."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Linear(nn.Linear):

@@ -10,7 +10,7 @@ from torch import nn
 from radixserve.config import ModelConfig
 from radixserve.model.attention import AttentionMetadata, paged_attention
 from radixserve.lora.ops import LoRABatch
-from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding
+from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
 from radixserve.model.matmul import linear, pack_weight
 from radixserve.model.weights import Target, fused, load_checkpoint
 
@@ -32,18 +32,19 @@ class DecoderLayer(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 lora: LoRABatch | None = None) -> torch.Tensor:
-        t = x.shape[0]
-        h = self.input_layernorm(x)
-        q, k, v = self.qkv_proj(h, lora).split(self.split, dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        t, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(self.input_layernorm(x), lora)
+        v = qkv[:, self.split[0] + self.split[1]:].view(t, kv_heads, self.head_dim)
+        if self.q_norm is None:  # q and k side by side: rotated together
+            qk = apply_rotary(qkv[:, :self.split[0] + self.split[1]].view(t, heads + kv_heads, self.head_dim), *rope)
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q, k, _ = qkv.split(self.split, dim=-1)
+            q = apply_rotary(self.q_norm(q.reshape(t, heads, self.head_dim)), *rope)
+            k = apply_rotary(self.k_norm(k.reshape(t, kv_heads, self.head_dim)), *rope)
         attn = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
         x = x + self.o_proj(attn.view(t, -1), lora)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x), lora).chunk(2, dim=-1)
@@ -69,8 +70,9 @@ class LlamaForCausalLM(nn.Module):
         hidden=True their final (normed) hidden states instead, [len(logit_index), hidden_size].
         lora: where the step's adapter tokens are (None: base model only)."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, (k_cache[i], v_cache[i]), meta, lora)
+            x = layer(x, rope, (k_cache[i], v_cache[i]), meta, lora)
         x = self.norm(x[logit_index])
         if hidden:
             return x.float()
