@@ -11,6 +11,7 @@ import torch
 from radixserve.cache.kv_pool import KVPool
 from radixserve.config import ModelConfig, ServerArgs
 from radixserve.lora.ops import LoRABatch
+from radixserve.model import kernels
 from radixserve.model.attention import AttentionMetadata
 from radixserve.model.layers import RotaryEmbedding
 from radixserve.model.matmul import can_pack
@@ -107,6 +108,7 @@ class ModelRunner:
         self.kv = KVPool(num_slots + 1, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                          args.max_running_requests, self.context_length, self.dtype, self.device)
         logger.info("KV pool: %d tokens", num_slots)
+        self.decode_kernel = kernels.decode_attention() if self.device.type == "cpu" else None
 
     def _load(self, path: str) -> LlamaForCausalLM:
         cfg = self.config
@@ -158,5 +160,6 @@ class ModelRunner:
     def forward(self, inp: ModelInput) -> torch.Tensor:
         """Float32 logits [len(inp.logit_index), vocab]; for an embedding model, the final hidden states
         [len(inp.logit_index), hidden_size] instead."""
+        inp.meta.decode_kernel = self.decode_kernel
         return self.model(inp.input_ids, inp.positions, self.kv.k, self.kv.v, inp.meta, inp.logit_index, inp.lora,
                           hidden=self.embedding is not None)

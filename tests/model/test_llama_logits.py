@@ -111,8 +111,23 @@ def test_prefill_all_positions_match_transformers(family_dir):
     assert_close_logits(ours_pick, ref[pick])
 
 
-def test_decode_steps_through_shuffled_slots(family_dir):
-    runner = make_runner(family_dir)
+@pytest.fixture(params=["kernel", "matmuls"])
+def decode_path(request):
+    """Decode groups through the C++ kernel (model/kernels) or the batched matmuls over gathered KV."""
+    return request.param
+
+
+def runner_on(path: str, decode_path: str) -> ModelRunner:
+    runner = make_runner(path)
+    if decode_path == "matmuls":
+        runner.decode_kernel = None
+    elif runner.decode_kernel is None:
+        pytest.skip("no C++ toolchain to build the decode kernel")
+    return runner
+
+
+def test_decode_steps_through_shuffled_slots(family_dir, decode_path):
+    runner = runner_on(family_dir, decode_path)
     ids = random_ids(SEQ_LEN, seed=3)
     ref = hf_logits(family_dir, ids)
     slots = shuffled_slots(seed=4)[:SEQ_LEN]
@@ -126,10 +141,10 @@ def test_decode_steps_through_shuffled_slots(family_dir):
     assert_close_logits(torch.cat(ours), ref[k - 1:])
 
 
-def test_decode_reads_the_slot_table_not_positions(family_dir):
+def test_decode_reads_the_slot_table_not_positions(family_dir, decode_path):
     """A decode whose slot table points at another sequence's KV must see that sequence (guards the
     test above against an implementation that happens to ignore req_to_token)."""
-    runner = make_runner(family_dir)
+    runner = runner_on(family_dir, decode_path)
     a, b = random_ids(SEQ_LEN, seed=5), random_ids(SEQ_LEN, seed=6)
     b[-1] = a[-1]
     slots = shuffled_slots(seed=7)
@@ -143,9 +158,9 @@ def test_decode_reads_the_slot_table_not_positions(family_dir):
     assert (ours - hf_logits(family_dir, a)[-1:]).abs().max() > 1e-2
 
 
-def test_mixed_step_decodes_and_prefill_chunk(family_dir):
+def test_mixed_step_decodes_and_prefill_chunk(family_dir, decode_path):
     """Two decodes and one prefill chunk with a cached prefix in one step, laid out by build_batch."""
-    runner = make_runner(family_dir)
+    runner = runner_on(family_dir, decode_path)
     kv = runner.kv
     seq_a, seq_b, seq_c = random_ids(14, seed=8), random_ids(9, seed=9), random_ids(SEQ_LEN, seed=10)
     ref_a, ref_b, ref_c = (hf_logits(family_dir, s) for s in (seq_a, seq_b, seq_c))
