@@ -12,7 +12,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -60,6 +65,26 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
       for (int64_t i = 0; i < group * dim; ++i) qf[i] *= scale;
       const scalar_t* k_head = k_cache + kvh * cache_slots * dim;
       const scalar_t* v_head = v_cache + kvh * cache_slots * dim;
+#if defined(__AVX512BF16__)
+      // bfloat16 rows of 32-multiple size: dot products straight from bfloat16 pairs (vdpbf16ps, float32
+      // accumulation, as oneDNN's bfloat16 matmuls do), 32 multiply-adds per instruction.
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kDim > 0 && kDim % 32 == 0) {
+        constexpr int64_t kChunks = kDim / 32;
+        const __m512i* q_rows = reinterpret_cast<const __m512i*>(q_base);
+        for (int64_t t = 0; t < n; ++t) {
+          if (t + kAhead < n) prefetch_row(k_head + seq_slots[t + kAhead] * dim, dim);
+          const __m512i* k_row = reinterpret_cast<const __m512i*>(k_head + seq_slots[t] * dim);
+          __m512i kv[kChunks];
+          for (int64_t c = 0; c < kChunks; ++c) kv[c] = _mm512_loadu_si512(k_row + c);
+          for (int64_t j = 0; j < group; ++j) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < kChunks; ++c)
+              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q_rows + j * kChunks + c), (__m512bh)kv[c]);
+            scores[j * max_keys + t] = _mm512_reduce_add_ps(acc) * scale;
+          }
+        }
+      } else
+#endif
       for (int64_t t = 0; t < n; ++t) {
         if (t + kAhead < n) prefetch_row(k_head + seq_slots[t + kAhead] * dim, dim);
         load_row(k_head + seq_slots[t] * dim, row.data(), dim);
@@ -87,6 +112,25 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
         for (int64_t t = 0; t < n; ++t) sj[t] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
+#if defined(__AVX512BF16__)
+      // The same rows widened to float32 in registers (a bfloat16 is a float32's top half).
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kDim > 0 && kDim % 32 == 0) {
+        constexpr int64_t kChunks = kDim / 16;
+        for (int64_t t = 0; t < n; ++t) {
+          if (t + kAhead < n) prefetch_row(v_head + seq_slots[t + kAhead] * dim, dim);
+          const __m256i* v_row = reinterpret_cast<const __m256i*>(v_head + seq_slots[t] * dim);
+          __m512 vv[kChunks];
+          for (int64_t c = 0; c < kChunks; ++c)
+            vv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(v_row + c)), 16));
+          for (int64_t j = 0; j < group; ++j) {
+            const __m512 p = _mm512_set1_ps(scores[j * max_keys + t]);
+            float* aj = acc.data() + j * kDim;
+            for (int64_t c = 0; c < kChunks; ++c)
+              _mm512_storeu_ps(aj + 16 * c, _mm512_fmadd_ps(p, vv[c], _mm512_loadu_ps(aj + 16 * c)));
+          }
+        }
+      } else
+#endif
       for (int64_t t = 0; t < n; ++t) {
         if (t + kAhead < n) prefetch_row(v_head + seq_slots[t + kAhead] * dim, dim);
         load_row(v_head + seq_slots[t] * dim, row.data(), dim);
