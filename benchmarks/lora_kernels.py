@@ -12,8 +12,8 @@ Linear level (the qkv, o, gate_up and down shapes summed, added time over the ba
   padded-bmm   tokens padded per adapter to the longest segment, two bmm
   loop         one matmul pair per adapter segment
 Step level: decode of 16 requests over 4 adapters + base, and of 48 over 4 adapters; prefill of 128
-tokens for each of two adapters; each with either path forced, relative to the same step on the base
-model.
+tokens for each of two adapters; each with the C++ kernel (model/kernels/lora.cpp, where it builds) and
+with either torch path forced, relative to the same step on the base model.
 """
 from __future__ import annotations
 
@@ -180,17 +180,21 @@ def main() -> None:
         for label, (loras, new, ctx) in cases.items():
             with_lora = requests(loras, new, ctx)
             plain = requests([0] * len(loras), new, ctx)
+            kernel = runner.lora_kernel
             times: dict[str, list[float]] = {}
             for _ in range(7):  # interleaved: machine noise hits every variant alike
                 times.setdefault("base", []).append(forward(plain))
-                for name, slack in (("grouped", -10**9), ("stacked", 10**9)):
-                    ops.STACKED_SLACK = slack
+                for name, slack, use_kernel in (("kernel", 0, True), ("grouped", -10**9, False),
+                                                ("stacked", 10**9, False)):
+                    if use_kernel and kernel is None:
+                        continue
+                    ops.STACKED_SLACK, runner.lora_kernel = slack, kernel if use_kernel else None
                     times.setdefault(name, []).append(forward(with_lora))
+            runner.lora_kernel = kernel
             best = {k: min(v) for k, v in times.items()}
-            print(f"step, {label}: base {best['base'] * 1e3:.1f} ms, grouped {best['grouped'] * 1e3:.1f} ms "
-                  f"({best['base'] / best['grouped']:.2f}x), stacked {best['stacked'] * 1e3:.1f} ms "
-                  f"({best['base'] / best['stacked']:.2f}x); medians "
-                  + ", ".join(f"{k} {statistics.median(v) * 1e3:.1f}" for k, v in times.items()))
+            print(f"step, {label}: base {best['base'] * 1e3:.1f} ms, "
+                  + ", ".join(f"{k} {v * 1e3:.1f} ms ({best['base'] / v:.2f}x)" for k, v in best.items() if k != "base")
+                  + "; medians " + ", ".join(f"{k} {statistics.median(v) * 1e3:.1f}" for k, v in times.items()))
 
 
 if __name__ == "__main__":

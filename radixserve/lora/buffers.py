@@ -13,7 +13,8 @@ from radixserve.model.layers import Linear
 
 class LoRABuffers:
     def __init__(self, model: nn.Module, layout: dict[str, LinearLayout], num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, pack: bool = True):
+        """pack: see layers.Linear.attach_lora."""
         self.num_slots, self.max_rank = num_slots, max_rank
         self.linears: dict[tuple[int, str], Linear] = {}
         for i, layer in enumerate(model.layers):
@@ -22,7 +23,7 @@ class LoRABuffers:
                 rows = max_rank * len(lay.pieces)
                 a = torch.zeros(num_slots, rows, lay.in_features, dtype=dtype, device=device)
                 b = torch.zeros(num_slots, rows, lay.out_features, dtype=dtype, device=device)
-                linear.attach_lora(a, b, len(lay.pieces), name)
+                linear.attach_lora(a, b, len(lay.pieces), name, pack)
                 self.linears[(i, name)] = linear
         self.slot_of: dict[int, int] = {}  # adapter id → slot
         self._owner: list[int | None] = [None] * num_slots

@@ -1,8 +1,11 @@
 """Batched LoRA application: one forward pass for tokens of the base model and of several adapters.
 
 The step's tokens are laid out base first, then each adapter's tokens contiguously in buffer-slot order
-(engine/batch.py sorts them), so every adapter's tokens form one segment. Each LoRA-aware linear adds
-every adapter's delta B·A·x in a few tensor ops, in one of two ways chosen per step:
+(engine/batch.py sorts them), so every adapter's tokens form one segment. On CPUs, each LoRA-aware
+linear hands the step to the C++ kernel (model/kernels/lora.cpp), which adds every adapter token's own
+delta B·A·x in one call, tokens of one adapter sharing each read of its weights; measured against the
+torch paths (benchmarks/lora_kernels.py, RESULTS.md), it is faster for decodes and prefills alike.
+Elsewhere (or without a compiler) the delta takes a few tensor ops, in one of two ways chosen per step:
 
 - grouped (larger steps over several slots): two segmented matmuls over the stacked per-slot weights,
       y[start:] += grouped_mm(grouped_mm(x[start:], Aᵀ), B)   (one segment per slot, empty ones free)
@@ -15,12 +18,13 @@ every adapter's delta B·A·x in a few tensor ops, in one of two ways chosen per
   weights do (layers.Linear.repack_lora). Their extra work grows with adapter tokens × slots, so
   larger steps take the grouped path.
 
-Base tokens are never touched, and a step without adapter tokens skips LoRA entirely. Measurements behind the choice: benchmarks/RESULTS.md.
+Base tokens are never touched, and a step without adapter tokens skips LoRA entirely.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +52,10 @@ class LoRABatch:
     segments: list[tuple[int, int, int]]  # (slot, begin, end) of the non-empty segments
     linears: frozenset[str] | None = None  # the linears some adapter of the step targets (None: all)
     stacked: bool = False  # take the stacked path (see the module docstring)
-    token_slots: torch.Tensor | None = None  # [tokens - start] slot of each adapter token (stacked path)
+    token_slots: torch.Tensor | None = None  # [tokens - start] slot of each adapter token
+    # kernels.lora_add() where the runner has it (CPU): every step then adds each adapter token's own
+    # delta in one call per projection, and neither path below runs.
+    kernel: Callable | None = None
     _masks: dict = field(default_factory=dict)
 
     @classmethod
@@ -66,10 +73,9 @@ class LoRABatch:
                 segments.append((slot, begin, end))
         batch = cls(counts[0], torch.tensor(ends, dtype=torch.int32, device=device), rank, segments, linears)
         adapter_tokens = sum(counts[1:])
-        if adapter_tokens * (len(counts) - 1) <= adapter_tokens + STACKED_SLACK * len(segments):
-            batch.stacked = True
-            batch.token_slots = torch.repeat_interleave(
-                torch.arange(len(counts) - 1, device=device), torch.tensor(counts[1:], device=device))
+        batch.stacked = adapter_tokens * (len(counts) - 1) <= adapter_tokens + STACKED_SLACK * len(segments)
+        batch.token_slots = torch.repeat_interleave(
+            torch.arange(len(counts) - 1, device=device), torch.tensor(counts[1:], device=device))
         return batch
 
     def mask(self, rows: int, dtype: torch.dtype) -> torch.Tensor:

@@ -85,6 +85,7 @@ class Linear(nn.Linear):
         self.lora_b_packed: torch.Tensor | None = None
         self.lora_pieces = 0
         self.lora_name = ""  # qkv_proj, o_proj, ...: skipped in steps whose adapters do not target it
+        self.lora_pack = False
         # The checkpoint's own 4-bit values (set_int4), used by steps of at most int4_max_tokens tokens.
         self.int4_weight: torch.Tensor | None = None
         self.int4_scales: torch.Tensor | None = None
@@ -107,13 +108,16 @@ class Linear(nn.Linear):
         return [t for t in (self.packed, self.int4_weight, self.int4_scales, self.lora_a_packed,
                             self.lora_b_packed) if t is not None]
 
-    def attach_lora(self, a: torch.Tensor, b: torch.Tensor, pieces: int, name: str) -> None:
+    def attach_lora(self, a: torch.Tensor, b: torch.Tensor, pieces: int, name: str, pack: bool = True) -> None:
+        """pack: keep packed copies for the stacked path's matmuls (where the base weight is packed too);
+        not needed where the LoRA kernel (model/kernels) does decode-sized steps."""
         self.lora_a, self.lora_b, self.lora_pieces, self.lora_name = a, b, pieces, name
+        self.lora_pack = pack
         self.repack_lora()
 
     def repack_lora(self) -> None:
         """Refresh the packed copies of the adapter buffers after their slots were written."""
-        if self.packed is not None:
+        if self.packed is not None and self.lora_pack:
             self.lora_a_packed = pack_weight(self.lora_a.flatten(0, 1))
             self.lora_b_packed = pack_weight(self.lora_b.flatten(0, 1).T)
 
@@ -125,7 +129,10 @@ class Linear(nn.Linear):
             y = linear(x, self.weight, self.bias, self.packed)
         if lora is None or self.lora_a is None or (lora.linears is not None and self.lora_name not in lora.linears):
             return y
-        if lora.stacked:
+        if lora.kernel is not None:
+            lora.kernel(y, x.contiguous(), self.lora_a, self.lora_b, lora.token_slots, lora.start,
+                        lora.rank * self.lora_pieces)
+        elif lora.stacked:
             add_lora_stacked(y, x, self.lora_a, self.lora_b, lora, self.lora_a_packed, self.lora_b_packed)
         else:
             add_lora(y, x, self.lora_a, self.lora_b, self.lora_pieces, lora)

@@ -103,6 +103,7 @@ class ModelRunner:
         self.model = self._load(args.model_path)
         logger.info("loaded %s (%s, %s) in %.1fs", os.path.basename(args.model_path), self.dtype,
                     self.device, time.perf_counter() - start)
+        self.lora_kernel = None  # kernels.lora_add() when serving adapters on a CPU (_lora_buffers)
         self.lora_buffers, self.lora_layout = self._lora_buffers(args) if args.enable_lora else (None, None)
         num_slots = args.max_total_tokens or self._default_pool_size(args, free_before)
         self.kv = KVPool(num_slots + 1, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
@@ -136,7 +137,9 @@ class ModelRunner:
         initial = [(r.path, read_adapter_config(r.path)) for r in parse_lora_paths(args.lora_paths)]
         rank, targets = lora_shape(args, initial)
         layout = model_layout(self.config, targets)
-        buffers = LoRABuffers(self.model, layout, args.max_loras_per_batch, rank, self.dtype, self.device)
+        self.lora_kernel = kernels.lora_add() if self.device.type == "cpu" else None
+        buffers = LoRABuffers(self.model, layout, args.max_loras_per_batch, rank, self.dtype, self.device,
+                              pack=self.lora_kernel is None)
         logger.info("LoRA: %d batch slots, rank <= %d, targets %s (%.1f MiB)", args.max_loras_per_batch, rank,
                     ", ".join(targets), buffers.nbytes() / 2**20)
         return buffers, layout
@@ -161,5 +164,7 @@ class ModelRunner:
         """Float32 logits [len(inp.logit_index), vocab]; for an embedding model, the final hidden states
         [len(inp.logit_index), hidden_size] instead."""
         inp.meta.decode_kernel = self.decode_kernel
+        if inp.lora is not None:
+            inp.lora.kernel = self.lora_kernel
         return self.model(inp.input_ids, inp.positions, self.kv.k, self.kv.v, inp.meta, inp.logit_index, inp.lora,
                           hidden=self.embedding is not None)

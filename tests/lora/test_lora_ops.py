@@ -170,3 +170,31 @@ def test_buffer_slots_lowest_free_then_lru_unpinned_first():
     assert torch.equal(b[2, :2], torch.full((2, 8), -5.0)) and not b[2, 2:].any()  # 4's rank-4 rows cleared
     with pytest.raises(RuntimeError, match="scheduler bug"):
         bufs.assign({i: adapter(i) for i in range(6, 10)}, set())
+
+
+@pytest.mark.parametrize("counts", [[2, 1, 0, 3, 0, 2], [1, 6, 0, 1, 0, 9]])  # runs of 1-3; split at 4
+@pytest.mark.parametrize("dtype, in_f, out_f", [(torch.float32, 32, 48), (torch.bfloat16, 64, 128),
+                                                (torch.bfloat16, 64, 96), (torch.bfloat16, 40, 48)])
+def test_lora_kernel_matches_reference(dtype, in_f, out_f, counts):
+    """The C++ per-token kernel (model/kernels/lora.cpp): its AVX512-BF16 paths (input size a multiple
+    of 32, output of 64, or of neither) and its generic one; tokens of one adapter taken together in
+    runs of up to 4; base tokens untouched, rows past the step's rank unread."""
+    from radixserve.model import kernels
+
+    kernel = kernels.lora_add()
+    if kernel is None:
+        pytest.skip("no C++ toolchain to build the CPU kernels")
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(SLOTS, MAX_RANK * PIECES, in_f, generator=g).to(dtype)
+    b = torch.randn(SLOTS, MAX_RANK * PIECES, out_f, generator=g).to(dtype)
+    x = torch.randn(sum(counts), in_f, generator=g).to(dtype)
+    y = torch.randn(sum(counts), out_f, generator=g).to(dtype)
+    batch = LoRABatch.build(counts, 3, torch.device("cpu"))
+    a[:, 3 * PIECES:] = float("nan")  # past the step's rank: never read
+    out = y.clone()
+    kernel(out, x, a, b, batch.token_slots, batch.start, 3 * PIECES)
+    token_slots = [None] * counts[0] + [s for s in range(SLOTS) for _ in range(counts[s + 1])]
+    ref = reference(y.float(), x.float(), a.float(), b.float(), token_slots, 3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+    assert torch.equal(out[:counts[0]], y[:counts[0]])

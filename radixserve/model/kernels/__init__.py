@@ -25,18 +25,31 @@ def _cpu_tag() -> str:
 
 
 @functools.cache
-def decode_attention() -> Callable | None:
-    """decode_attention.cpp's kernel: (q, k_cache, v_cache, slots, lens, scale) → out, or None."""
+def _module():
+    """The compiled module (module.cpp and the kernels), or None where it cannot be built."""
     try:
         from torch.utils.cpp_extension import load
 
         start = time.perf_counter()
-        module = load(name=f"radixserve_decode_attention_{_cpu_tag()}",
-                      sources=[os.path.join(os.path.dirname(__file__), "decode_attention.cpp")],
+        here = os.path.dirname(__file__)
+        module = load(name=f"radixserve_cpu_kernels_{_cpu_tag()}",
+                      sources=[os.path.join(here, f) for f in ("module.cpp", "decode_attention.cpp", "lora.cpp")],
                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
                       extra_ldflags=["-fopenmp"])
-        logger.info("decode attention kernel ready in %.1fs", time.perf_counter() - start)
-        return module.decode_attention
-    except Exception as e:  # no compiler, no ninja, a failed build: the torch path still works
-        logger.warning("decode attention kernel unavailable, using the torch path: %s", str(e).splitlines()[0])
+        logger.info("CPU kernels ready in %.1fs", time.perf_counter() - start)
+        return module
+    except Exception as e:  # no compiler, no ninja, a failed build: the torch paths still work
+        logger.warning("CPU kernels unavailable, using the torch paths: %s", str(e).splitlines()[0])
         return None
+
+
+def decode_attention() -> Callable | None:
+    """decode_attention.cpp: (q, k_cache, v_cache, slots, lens, scale) → out, or None."""
+    module = _module()
+    return None if module is None else module.decode_attention
+
+
+def lora_add() -> Callable | None:
+    """lora.cpp: (y, x, lora_a, lora_b, token_slots, start, rows), adding in place to y, or None."""
+    module = _module()
+    return None if module is None else module.lora_add

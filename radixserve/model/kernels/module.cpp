@@ -1,0 +1,12 @@
+// The Python module of radixserve's CPU kernels (kernels/__init__.py builds it on first use).
+#include <torch/extension.h>
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor slots, torch::Tensor lens, double scale);
+void lora_add(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Tensor lora_b, torch::Tensor token_slots,
+              int64_t start, int64_t rows);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "decode attention over the paged KV pool, read in place");
+  m.def("lora_add", &lora_add, "adds each adapter token's LoRA delta to its row of y, in place");
+}
