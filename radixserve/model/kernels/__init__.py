@@ -14,14 +14,23 @@ from typing import Callable
 logger = logging.getLogger(__name__)
 
 
-def _cpu_tag() -> str:
-    """Builds use -march=native: one per CPU model and feature set, in case the cache is shared."""
+_HERE = os.path.dirname(__file__)
+_SOURCES = ("module.cpp", "decode_attention.cpp", "lora.cpp")
+
+
+def _build_tag() -> str:
+    """One build per CPU model and feature set (builds use -march=native, and the cache may be shared)
+    and per version of the sources, header included (torch tracks only the compiled files)."""
     try:
         with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+            cpu = "".join([line for line in f if line.startswith(("model name", "flags"))][:2])
     except OSError:
-        lines = [platform.processor()]
-    return hashlib.sha1("".join(lines).encode()).hexdigest()[:10]
+        cpu = platform.processor()
+    digest = hashlib.sha1(cpu.encode())
+    for name in (*_SOURCES, "vec.h"):
+        with open(os.path.join(_HERE, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 @functools.cache
@@ -31,9 +40,8 @@ def _module():
         from torch.utils.cpp_extension import load
 
         start = time.perf_counter()
-        here = os.path.dirname(__file__)
-        module = load(name=f"radixserve_cpu_kernels_{_cpu_tag()}",
-                      sources=[os.path.join(here, f) for f in ("module.cpp", "decode_attention.cpp", "lora.cpp")],
+        module = load(name=f"radixserve_cpu_kernels_{_build_tag()}",
+                      sources=[os.path.join(_HERE, name) for name in _SOURCES],
                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
                       extra_ldflags=["-fopenmp"])
         logger.info("CPU kernels ready in %.1fs", time.perf_counter() - start)

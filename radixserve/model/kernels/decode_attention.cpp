@@ -15,36 +15,15 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
 
-// Loads a row as float32. bfloat16 is the top half of a float32: a shift the compiler vectorises.
-template <typename scalar_t>
-inline void load_row(const scalar_t* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <>
-inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
-}
+using namespace radixserve;
 
 // Slots are scattered over the pool, which the hardware prefetcher cannot follow: rows are requested
 // this many keys ahead of their use.
 constexpr int64_t kAhead = 8;
-
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t dim) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < dim * static_cast<int64_t>(sizeof(scalar_t)); off += 64) __builtin_prefetch(p + off);
-}
 
 // kDim: the head size as a compile-time constant (0: taken from head_dim at run time). With it, every
 // row loop below compiles to a few whole vector instructions instead of a loop with remainders.
@@ -54,6 +33,13 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
             int64_t cache_slots, int64_t max_keys, int64_t head_dim, float scale) {
   const int64_t dim = kDim ? kDim : head_dim;
   const int64_t group = heads / kv_heads;
+#if defined(__AVX512BF16__)
+  // bfloat16 rows of 32-multiple size: dot products straight from bfloat16 pairs (as oneDNN's
+  // bfloat16 matmuls do), value rows widened in registers.
+  constexpr bool kBf16Avx = std::is_same_v<scalar_t, c10::BFloat16> && kDim > 0 && kDim % 32 == 0;
+#else
+  constexpr bool kBf16Avx = false;
+#endif
   at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * dim), acc(group * dim), row(dim), scores(group * max_keys);
     for (int64_t pair = begin; pair < end; ++pair) {
@@ -61,40 +47,26 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
       const int64_t n = lens[seq];
       const int64_t* seq_slots = slots + seq * max_keys;
       const scalar_t* q_base = q + (seq * heads + kvh * group) * dim;
-      load_row(q_base, qf.data(), group * dim);
-      for (int64_t i = 0; i < group * dim; ++i) qf[i] *= scale;
       const scalar_t* k_head = k_cache + kvh * cache_slots * dim;
       const scalar_t* v_head = v_cache + kvh * cache_slots * dim;
-#if defined(__AVX512BF16__)
-      // bfloat16 rows of 32-multiple size: dot products straight from bfloat16 pairs (vdpbf16ps, float32
-      // accumulation, as oneDNN's bfloat16 matmuls do), 32 multiply-adds per instruction.
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kDim > 0 && kDim % 32 == 0) {
-        constexpr int64_t kChunks = kDim / 32;
-        const __m512i* q_rows = reinterpret_cast<const __m512i*>(q_base);
-        for (int64_t t = 0; t < n; ++t) {
-          if (t + kAhead < n) prefetch_row(k_head + seq_slots[t + kAhead] * dim, dim);
-          const __m512i* k_row = reinterpret_cast<const __m512i*>(k_head + seq_slots[t] * dim);
-          __m512i kv[kChunks];
-          for (int64_t c = 0; c < kChunks; ++c) kv[c] = _mm512_loadu_si512(k_row + c);
-          for (int64_t j = 0; j < group; ++j) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t c = 0; c < kChunks; ++c)
-              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q_rows + j * kChunks + c), (__m512bh)kv[c]);
-            scores[j * max_keys + t] = _mm512_reduce_add_ps(acc) * scale;
-          }
-        }
-      } else
-#endif
+      load_f32(q_base, qf.data(), group * dim);
       for (int64_t t = 0; t < n; ++t) {
         if (t + kAhead < n) prefetch_row(k_head + seq_slots[t + kAhead] * dim, dim);
-        load_row(k_head + seq_slots[t] * dim, row.data(), dim);
-        for (int64_t j = 0; j < group; ++j) {
-          const float* __restrict__ qj = qf.data() + j * dim;
-          const float* __restrict__ r = row.data();
-          float s = 0.f;
+        const scalar_t* k_row = k_head + seq_slots[t] * dim;
+        if constexpr (kBf16Avx) {
+#if defined(__AVX512BF16__)
+          for (int64_t j = 0; j < group; ++j) scores[j * max_keys + t] = dot_bf16(q_base + j * dim, k_row, kDim) * scale;
+#endif
+        } else {
+          load_f32(k_row, row.data(), dim);
+          for (int64_t j = 0; j < group; ++j) {
+            const float* __restrict__ qj = qf.data() + j * dim;
+            const float* __restrict__ r = row.data();
+            float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < dim; ++d) s += qj[d] * r[d];
-          scores[j * max_keys + t] = s;
+            for (int64_t d = 0; d < dim; ++d) s += qj[d] * r[d];
+            scores[j * max_keys + t] = s * scale;
+          }
         }
       }
       for (int64_t j = 0; j < group; ++j) {
@@ -112,38 +84,26 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
         for (int64_t t = 0; t < n; ++t) sj[t] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < n; ++t) {
+        if (t + kAhead < n) prefetch_row(v_head + seq_slots[t + kAhead] * dim, dim);
+        const scalar_t* v_row = v_head + seq_slots[t] * dim;
+        if constexpr (kBf16Avx) {
 #if defined(__AVX512BF16__)
-      // The same rows widened to float32 in registers (a bfloat16 is a float32's top half).
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kDim > 0 && kDim % 32 == 0) {
-        constexpr int64_t kChunks = kDim / 16;
-        for (int64_t t = 0; t < n; ++t) {
-          if (t + kAhead < n) prefetch_row(v_head + seq_slots[t + kAhead] * dim, dim);
-          const __m256i* v_row = reinterpret_cast<const __m256i*>(v_head + seq_slots[t] * dim);
-          __m512 vv[kChunks];
-          for (int64_t c = 0; c < kChunks; ++c)
-            vv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(v_row + c)), 16));
+          __m512 vv[kDim / 16];
+          for (int64_t c = 0; c < kDim / 16; ++c) vv[c] = widen16(v_row + 16 * c);
           for (int64_t j = 0; j < group; ++j) {
             const __m512 p = _mm512_set1_ps(scores[j * max_keys + t]);
             float* aj = acc.data() + j * kDim;
-            for (int64_t c = 0; c < kChunks; ++c)
+            for (int64_t c = 0; c < kDim / 16; ++c)
               _mm512_storeu_ps(aj + 16 * c, _mm512_fmadd_ps(p, vv[c], _mm512_loadu_ps(aj + 16 * c)));
           }
-        }
-      } else
 #endif
-      for (int64_t t = 0; t < n; ++t) {
-        if (t + kAhead < n) prefetch_row(v_head + seq_slots[t + kAhead] * dim, dim);
-        load_row(v_head + seq_slots[t] * dim, row.data(), dim);
-        for (int64_t j = 0; j < group; ++j) {
-          const float p = scores[j * max_keys + t];
-          float* __restrict__ aj = acc.data() + j * dim;
-          const float* __restrict__ r = row.data();
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) aj[d] += p * r[d];
+        } else {
+          load_f32(v_row, row.data(), dim);
+          for (int64_t j = 0; j < group; ++j) axpy(acc.data() + j * dim, scores[j * max_keys + t], row.data(), dim);
         }
       }
-      scalar_t* o = out + (seq * heads + kvh * group) * dim;
-      for (int64_t i = 0; i < group * dim; ++i) o[i] = static_cast<scalar_t>(acc[i]);
+      store_f32(acc.data(), out + (seq * heads + kvh * group) * dim, group * dim);
     }
   });
 }

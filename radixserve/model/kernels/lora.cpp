@@ -11,60 +11,23 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
+
+using namespace radixserve;
 
 // Tokens of one adapter are adjacent (the step is laid out by slot): up to this many of them share
 // each read of a B row.
 constexpr int64_t kRun = 4;
-
-template <typename scalar_t>
-inline void load_f32(const scalar_t* src, float* dst, int64_t n) {
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (n % 16 == 0) {  // a bfloat16 is a float32's top half
-      for (int64_t i = 0; i < n; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))),
-                                      16)));
-      return;
-    }
-  }
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <typename scalar_t>
-inline void store_f32(const float* src, scalar_t* dst, int64_t n) {
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (n % 16 == 0) {  // round to nearest even, as torch does
-      for (int64_t i = 0; i < n; i += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-      return;
-    }
-  }
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
 
 // h[r] = A[r] · x for the first rows rows of A.
 template <typename scalar_t>
 inline void shrink(const scalar_t* a, const scalar_t* x, float* h, int64_t rows, int64_t in, float* xf) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (in % 32 == 0) {  // bfloat16 pair dot products (vdpbf16ps), float32 accumulation
-      const __m512i* xv = reinterpret_cast<const __m512i*>(x);
-      for (int64_t r = 0; r < rows; ++r) {
-        const __m512i* ar = reinterpret_cast<const __m512i*>(a + r * in);
-        __m512 s = _mm512_setzero_ps();
-        for (int64_t c = 0; c < in / 32; ++c)
-          s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(ar + c), (__m512bh)_mm512_loadu_si512(xv + c));
-        h[r] = _mm512_reduce_add_ps(s);
-      }
+    if (in % 32 == 0) {
+      for (int64_t r = 0; r < rows; ++r) h[r] = dot_bf16(a + r * in, x, in);
       return;
     }
   }
@@ -88,10 +51,8 @@ void expand_bf16(const c10::BFloat16* b, const float* h, int64_t rows, int64_t o
     for (int i = 0; i < N; ++i)
       for (int v = 0; v < 4; ++v) c[i][v] = _mm512_loadu_ps(acc + i * out + o + 16 * v);
     for (int64_t r = 0; r < rows; ++r) {
-      const __m256i* br = reinterpret_cast<const __m256i*>(b + r * out + o);
       __m512 bv[4];
-      for (int v = 0; v < 4; ++v)
-        bv[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(br + v)), 16));
+      for (int v = 0; v < 4; ++v) bv[v] = widen16(b + r * out + o + 16 * v);
       for (int i = 0; i < N; ++i) {
         const __m512 hv = _mm512_set1_ps(h[i * rows + r]);
         for (int v = 0; v < 4; ++v) c[i][v] = _mm512_fmadd_ps(hv, bv[v], c[i][v]);
@@ -137,13 +98,7 @@ void add_deltas(scalar_t* y, const scalar_t* x, const scalar_t* a, const scalar_
 #endif
       for (int64_t r = 0; r < rows; ++r) {
         load_f32(b_slot + r * out, row.data(), out);
-        for (int64_t i = 0; i < n; ++i) {
-          const float hr = h[i * rows + r];
-          float* __restrict__ ai = acc.data() + i * out;
-          const float* __restrict__ br = row.data();
-#pragma omp simd
-          for (int64_t o = 0; o < out; ++o) ai[o] += hr * br[o];
-        }
+        for (int64_t i = 0; i < n; ++i) axpy(acc.data() + i * out, h[i * rows + r], row.data(), out);
       }
       for (int64_t i = 0; i < n; ++i) store_f32(acc.data() + i * out, y + (first + i) * out, out);
     }
