@@ -81,8 +81,8 @@ class AttentionMetadata:
     out_cache_loc: torch.Tensor  # [T] slot where each new token's K/V is written
     groups: list[AttnGroup]
     # kernels.decode_attention() where the runner has it (CPU), else None. It reads decode groups' keys
-    # and values in place; measured on the default model, decode steps of 1 / 8 / 32 sequences take
-    # 12.7 / 29.6 / 65.6 ms with it against 16.2 / 31.2 / 73.1 ms gathering them for batched matmuls.
+    # and values in place; measured on the default model, decode steps of 1 / 32 sequences take 12.3 /
+    # 62 ms with it against 16.2 / 73 ms gathering them for batched matmuls (benchmarks/RESULTS.md).
     # Groups with a shared prefix keep the matmuls, which read that prefix once for all sequences.
     decode_kernel: Callable | None = None
 
