@@ -21,6 +21,7 @@ class DecoderLayer(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split = (q_size, kv_size, kv_size)
+        self.qk_size = q_size + kv_size  # q and k lead the fused qkv output
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # q/k/v and gate/up are fused: one matmul each instead of three and two.
@@ -37,9 +38,9 @@ class DecoderLayer(nn.Module):
                 lora: LoRABatch | None = None) -> torch.Tensor:
         t, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(self.input_layernorm(x), lora)
-        v = qkv[:, self.split[0] + self.split[1]:].view(t, kv_heads, self.head_dim)
+        v = qkv[:, self.qk_size:].view(t, kv_heads, self.head_dim)
         if self.q_norm is None:  # q and k side by side: rotated together
-            qk = apply_rotary(qkv[:, :self.split[0] + self.split[1]].view(t, heads + kv_heads, self.head_dim), *rope)
+            qk = apply_rotary(qkv[:, :self.qk_size].view(t, heads + kv_heads, self.head_dim), *rope)
             q, k = qk[:, :heads], qk[:, heads:]
         else:
             q, k, _ = qkv.split(self.split, dim=-1)

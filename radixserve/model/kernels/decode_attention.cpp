@@ -49,7 +49,7 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
       const scalar_t* q_base = q + (seq * heads + kvh * group) * dim;
       const scalar_t* k_head = k_cache + kvh * cache_slots * dim;
       const scalar_t* v_head = v_cache + kvh * cache_slots * dim;
-      load_f32(q_base, qf.data(), group * dim);
+      if constexpr (!kBf16Avx) load_f32(q_base, qf.data(), group * dim);
       for (int64_t t = 0; t < n; ++t) {
         if (t + kAhead < n) prefetch_row(k_head + seq_slots[t + kAhead] * dim, dim);
         const scalar_t* k_row = k_head + seq_slots[t] * dim;
