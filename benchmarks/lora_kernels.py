@@ -12,7 +12,7 @@ Linear level (the qkv, o, gate_up and down shapes summed, added time over the ba
   padded-bmm   tokens padded per adapter to the longest segment, two bmm
   loop         one matmul pair per adapter segment
 Step level: decode of 16 requests over 4 adapters + base, and of 48 over 4 adapters; prefill of 128
-tokens for each of two adapters; each with the C++ kernel (model/kernels/lora.cpp, where it builds) and
+tokens for each of two adapters; each with the C++ kernel (radixserve/kernels/lora.cpp, where it builds) and
 with either torch path forced, relative to the same step on the base model.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from radixserve.model.matmul import can_pack, linear, pack_weight
+from radixserve.kernels.matmul import can_pack, linear, pack_weight
 
 
 def best_us(fns: list, reps: int) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 The step's tokens are laid out base first, then each adapter's tokens contiguously in buffer-slot order
 (engine/batch.py sorts them), so every adapter's tokens form one segment. On CPUs, each LoRA-aware
-linear hands the step to the C++ kernel (model/kernels/lora.cpp), which adds every adapter token's own
+linear hands the step to the C++ kernel (radixserve/kernels/lora.cpp), which adds every adapter token's own
 delta B·A·x in one call, tokens of one adapter sharing each read of its weights; measured against the
 torch paths (benchmarks/lora_kernels.py, RESULTS.md), it is faster for decodes and prefills alike.
 Elsewhere (or without a compiler) the delta takes a few tensor ops, in one of two ways chosen per step:
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from radixserve.model.matmul import linear
+from radixserve.kernels.matmul import linear
 
 # The stacked path computes every adapter token against every slot (tokens × slots rows of LoRA work)
 # where the grouped path computes each adapter token once but pays a fixed cost per adapter (two small

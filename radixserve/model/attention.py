@@ -3,7 +3,7 @@
 A step's sequences are split into at most two groups, decodes (one query each) and prefills (many), so
 that neither is padded to the other's query length. A prefill group runs as one batched SDPA call over
 the KV gathered from the pool through the requests' slot tables. A decode group runs on the C++ kernel
-that reads the pool in place (model/kernels, CPU), or else as batched matmuls over the gathered KV.
+that reads the pool in place (radixserve/kernels, CPU), or else as batched matmuls over the gathered KV.
 """
 from __future__ import annotations
 

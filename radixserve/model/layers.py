@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from radixserve.lora.ops import LoRABatch, add_lora, add_lora_stacked
-from radixserve.model.matmul import linear, pack_weight
+from radixserve.kernels.matmul import linear, pack_weight
 
 
 class RMSNorm(nn.Module):
@@ -110,7 +110,7 @@ class Linear(nn.Linear):
 
     def attach_lora(self, a: torch.Tensor, b: torch.Tensor, pieces: int, name: str, pack: bool = True) -> None:
         """pack: keep packed copies for the stacked path's matmuls (where the base weight is packed too);
-        not needed where the LoRA kernel (model/kernels) takes every adapter step."""
+        not needed where the LoRA kernel (radixserve/kernels) takes every adapter step."""
         self.lora_a, self.lora_b, self.lora_pieces, self.lora_name = a, b, pieces, name
         self.lora_pack = pack
         self.repack_lora()

@@ -11,7 +11,7 @@ from radixserve.config import ModelConfig
 from radixserve.model.attention import AttentionMetadata, paged_attention
 from radixserve.lora.ops import LoRABatch
 from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
-from radixserve.model.matmul import linear, pack_weight
+from radixserve.kernels.matmul import linear, pack_weight
 from radixserve.model.weights import Target, fused, load_checkpoint
 
 

@@ -11,10 +11,10 @@ import torch
 from radixserve.cache.kv_pool import KVPool
 from radixserve.config import ModelConfig, ServerArgs
 from radixserve.lora.ops import LoRABatch
-from radixserve.model import kernels
+from radixserve import kernels
 from radixserve.model.attention import AttentionMetadata
 from radixserve.model.layers import RotaryEmbedding
-from radixserve.model.matmul import can_pack
+from radixserve.kernels.matmul import can_pack
 from radixserve.model.llama import LlamaForCausalLM
 from radixserve.model.loader import embedding_kind, is_gguf, iter_q4_weights, iter_weights, load_model_config
 from radixserve.model.pooling import EmbeddingSpec, check_matryoshka, read_embedding_spec

@@ -10,7 +10,7 @@ import radixserve.lora.ops as ops
 from radixserve.lora.buffers import LoRABuffers
 from radixserve.lora.ops import LoRABatch, add_lora
 from radixserve.model.layers import Linear
-from radixserve.model.matmul import can_pack
+from radixserve.kernels.matmul import can_pack
 
 SLOTS, MAX_RANK, PIECES, IN, OUT = 5, 8, 3, 32, 48
 
@@ -176,10 +176,10 @@ def test_buffer_slots_lowest_free_then_lru_unpinned_first():
 @pytest.mark.parametrize("dtype, in_f, out_f", [(torch.float32, 32, 48), (torch.bfloat16, 64, 128),
                                                 (torch.bfloat16, 64, 96), (torch.bfloat16, 40, 48)])
 def test_lora_kernel_matches_reference(dtype, in_f, out_f, counts):
-    """The C++ per-token kernel (model/kernels/lora.cpp): its AVX512-BF16 paths (input size a multiple
+    """The C++ per-token kernel (radixserve/kernels/lora.cpp): its AVX512-BF16 paths (input size a multiple
     of 32, output of 64, or of neither) and its generic one; tokens of one adapter taken together in
     runs of up to 4; base tokens untouched, rows past the step's rank unread."""
-    from radixserve.model import kernels
+    from radixserve import kernels
 
     kernel = kernels.lora_add()
     if kernel is None:

@@ -1,4 +1,4 @@
-"""The C++ decode attention kernel (model/kernels) against the batched-matmul path over gathered KV, on
+"""The C++ decode attention kernel (radixserve/kernels) against the batched-matmul path over gathered KV, on
 random data: GQA ratios, head sizes with and without a compiled-in size, sequences of different lengths
 through scattered slots, float32 and bfloat16. Model-level logits against transformers take both paths
 in test_llama_logits.py."""
@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from radixserve.model import kernels
+from radixserve import kernels
 from radixserve.model.attention import _decode_attention
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from radixserve.model.layers import Linear
-from radixserve.model.matmul import can_pack
+from radixserve.kernels.matmul import can_pack
 
 
 @pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="no oneDNN on this CPU build")

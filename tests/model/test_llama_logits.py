@@ -113,7 +113,7 @@ def test_prefill_all_positions_match_transformers(family_dir):
 
 @pytest.fixture(params=["kernel", "matmuls"])
 def decode_path(request):
-    """Decode groups through the C++ kernel (model/kernels) or the batched matmuls over gathered KV."""
+    """Decode groups through the C++ kernel (radixserve/kernels) or the batched matmuls over gathered KV."""
     return request.param
 
 

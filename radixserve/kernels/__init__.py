@@ -1,6 +1,8 @@
-"""C++ CPU kernels compiled on first use (torch.utils.cpp_extension; cached under ~/.cache/torch_extensions).
+"""C++ CPU kernels compiled on first use (torch.utils.cpp_extension; cached under ~/.cache/torch_extensions),
+and the oneDNN packed-weight matmul helpers (matmul.py).
 
-Where no compiler is available the model falls back to its torch path, after one warning."""
+Where no compiler is available the model falls back to its torch path, after one warning. A leaf package:
+it imports nothing else of radixserve, so that model/ and lora/ can both use it."""
 from __future__ import annotations
 
 import functools
