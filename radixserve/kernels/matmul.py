@@ -6,7 +6,10 @@ import torch.nn.functional as F
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    """bfloat16 on a CPU where oneDNN packs it: its reorder needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT,
+    and fails elsewhere (an AVX2-only CPU given --dtype bfloat16 keeps the plain matmuls)."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
