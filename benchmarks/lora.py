@@ -87,7 +87,7 @@ def main() -> None:
                                max_total_tokens=65536, disable_radix_cache=True,
                                lora_paths=[f"{n}={p}" for n, p in folders.items()],
                                max_loras_per_batch=max(args.adapters, 1)) as engine:
-            vocab = engine.tokenizer_manager.info["vocab_size"]
+            vocab = engine.tokenizer_manager.info.vocab_size
             ids = prompts(args.batch, args.prompt_len, vocab, seed=1)
             mixed = [([None] + names)[i % (args.adapters + 1)] for i in range(args.batch)]
             batches = {"base": [None] * args.batch, "mixed": mixed}

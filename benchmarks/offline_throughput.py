@@ -29,7 +29,7 @@ def bench_radixserve(model_path: str, batches: list[int], prompt_len: int, new_t
     results = {}
     with radixserve.Engine(model_path=model_path, max_running_requests=max(batches), max_total_tokens=65536,
                            disable_radix_cache=True, dtype=dtype) as engine:
-        vocab = engine.tokenizer_manager.info["vocab_size"]
+        vocab = engine.tokenizer_manager.info.vocab_size
         engine.generate(input_ids=make_prompts(2, 32, vocab, seed=99), sampling_params={"max_new_tokens": 8})
         params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
         for b in batches:

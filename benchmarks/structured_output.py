@@ -34,7 +34,7 @@ def compile_times(engine_args: dict) -> dict:
     from radixserve.config import ServerArgs
     from radixserve.constrained.backend import GrammarBackend
     from radixserve.constrained.grammar import build_grammar, tokenizer_vocab
-    from radixserve.model.loader import load_tokenizer
+    from radixserve.model_files import load_tokenizer
 
     args = ServerArgs(**engine_args)
     backend = GrammarBackend(*tokenizer_vocab(load_tokenizer(args.model_path)), vocab_size=49152,

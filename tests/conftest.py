@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from radixserve.config import default_embedding_model_path, default_model_path
-from radixserve.model.loader import load_tokenizer
+from radixserve.model_files import load_tokenizer
 from lora_adapters import DEFAULT_ADAPTERS, TINY_ADAPTERS, build_adapter, load_hf_base
 from tiny_models import build_tiny_model
 

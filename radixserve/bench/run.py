@@ -47,7 +47,7 @@ def _servers(specs: list[str]) -> list[tuple[str, str]]:
 
 def bench(ns: argparse.Namespace) -> dict:
     from radixserve.config import default_model_path
-    from radixserve.model.loader import load_tokenizer
+    from radixserve.model_files import load_tokenizer
 
     tokenizer = load_tokenizer(ns.tokenizer or default_model_path())
     prompts = make_prompts(ns.dataset, ns.num_prompts, ns.input_len, tokenizer, ns.seed, ns.prefix_len)

@@ -7,7 +7,8 @@ import logging
 from collections import deque
 
 from radixserve.config import ServerArgs
-from radixserve.managers.messages import EmbedReq, GenerateReq, Stats, TokenOutput
+from radixserve.managers.messages import (EmbedReq, EngineInfo, GenerateReq, LoadLoRAReq, LoRAUpdateOutput, Stats,
+                                          TokenOutput, UnloadLoRAReq)
 from radixserve.model.encoder_runner import EncoderRunner
 from radixserve.model.pooling import embedding_info
 
@@ -25,15 +26,14 @@ class EncoderScheduler:
         self.waiting: deque[EmbedReq] = deque()
         self.by_rid: dict[str, EmbedReq] = {}  # waiting and not aborted (aborted ones are skipped lazily)
         self.outputs: list[TokenOutput] = []
+        self.control: list[LoRAUpdateOutput] = []
 
-    def info(self) -> dict:
+    def info(self) -> EngineInfo:
         runner, cfg = self.runner, self.runner.config
-        return {
-            "context_length": self.max_seq_len, "vocab_size": cfg.vocab_size, "architecture": cfg.architecture,
-            "dtype": str(runner.dtype).removeprefix("torch."), "device": str(runner.device),
-            "max_total_tokens": 0, "eos_token_ids": [], "is_generation": False,
-            **embedding_info(runner.spec, runner.embedding_dim, runner.matryoshka_dimensions),
-        }
+        return EngineInfo(context_length=self.max_seq_len, vocab_size=cfg.vocab_size, architecture=cfg.architecture,
+                          dtype=str(runner.dtype).removeprefix("torch."), device=str(runner.device),
+                          max_total_tokens=0, is_generation=False,
+                          **embedding_info(runner.spec, runner.embedding_dim, runner.matryoshka_dimensions))
 
     # ---- requests in and out
     def submit(self, msg: EmbedReq | GenerateReq) -> None:
@@ -71,8 +71,6 @@ class EncoderScheduler:
         return Stats(num_running=0, num_waiting=len(self.by_rid), kv_total=0, kv_free=0, kv_cached=0,
                      flushed=flushed)
 
-    compiling: tuple = ()  # no output grammars: nothing is generated
-
     def has_work(self) -> bool:
         return bool(self.by_rid)
 
@@ -83,8 +81,17 @@ class EncoderScheduler:
         out, self.outputs = self.outputs, []
         return out
 
-    def take_control(self) -> list:
-        return []  # no LoRA adapters (the API process refuses them for embedding models)
+    # ---- LoRA adapters: none (the API process refuses them for embedding models before asking)
+    def load_lora(self, msg: LoadLoRAReq) -> None:
+        self.control.append(LoRAUpdateOutput(msg.req_id, False, "LoRA adapters apply to generation models"))
+
+    def unload_lora(self, msg: UnloadLoRAReq) -> None:
+        self.control.append(LoRAUpdateOutput(msg.req_id, False, f"LoRA adapter {msg.name!r} is not loaded",
+                                             not_found=True))
+
+    def take_control(self) -> list[LoRAUpdateOutput]:
+        out, self.control = self.control, []
+        return out
 
     # ---- one step
     def step(self) -> None:

@@ -1,16 +1,14 @@
 """The engine loop: receive requests, plan a step, run one forward pass for the whole batch, sample,
-send every request's new token back. Runs in its own process; `Scheduler` itself has no I/O."""
+send every request's new token back. Runs in the engine process (engine/process.py); no I/O here."""
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 import random
 from collections import deque
+from concurrent.futures import Future
 
-import msgspec
 import torch
-import zmq
 
 from radixserve.config import ServerArgs
 from radixserve.constrained.backend import GrammarBackend
@@ -21,10 +19,10 @@ from radixserve.engine.policy import plan_step
 from radixserve.engine.request import Request
 from radixserve.lora.adapter import LoRAError
 from radixserve.lora.refs import LoRANotFoundError
-from radixserve.managers.messages import (AbortReq, BatchOutput, EmbedBatch, EmbedReq, EngineInput, FlushCacheReq,
-                                          GenerateReq, LoadLoRAReq, LoRAAdapterInfo, LoRAUpdateOutput, Stats,
-                                          StatsReq, TokenOutput, UnloadLoRAReq)
-from radixserve.model.loader import embedding_kind, load_tokenizer
+from radixserve.managers.messages import (EmbedReq, EngineInfo, GenerateReq, LoadLoRAReq, LoRAAdapterInfo,
+                                          LoRAUpdateOutput, Stats, TokenOutput, UnloadLoRAReq)
+from radixserve.model.loader import embedding_kind
+from radixserve.model_files import load_tokenizer
 from radixserve.model.pooling import embedding_info, finish
 from radixserve.model.runner import ModelRunner
 from radixserve.sampling.params import SamplingParams
@@ -35,9 +33,10 @@ logger = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(self, args: ServerArgs, runner: ModelRunner | None = None,
-                 grammar_vocab: tuple[list[str], str] | None = None):
-        """grammar_vocab: the tokenizer as constrained.grammar.tokenizer_vocab gives it (the API process
-        sends it); without it the tokenizer is loaded when the first constrained request arrives."""
+                 grammar_vocab: tuple[list[str], str] | Future | None = None):
+        """grammar_vocab: the tokenizer as constrained.grammar.tokenizer_vocab gives it, or a future of it
+        (loaded beside the model); without it the tokenizer is loaded when the first constrained request
+        arrives."""
         self.args = args
         self.runner = runner or ModelRunner(args)
         self.kv = KVManager(self.runner.kv, args.disable_radix_cache)
@@ -66,19 +65,17 @@ class Scheduler:
         self.control: list[LoRAUpdateOutput] = []  # answers to adapter loads/unloads
         self._unloads: dict[int, list[str]] = {}  # adapter id → unload requests waiting for its requests
 
-    def info(self) -> dict:
+    def info(self) -> EngineInfo:
         """What the API process needs to know about the model (sent once the engine is ready)."""
         runner = self.runner
-        info = {
-            "context_length": self.max_seq_len, "vocab_size": runner.config.vocab_size,
-            "architecture": runner.config.architecture, "dtype": str(runner.dtype).removeprefix("torch."),
-            "device": str(runner.device), "max_total_tokens": self.kv.capacity,
-            "eos_token_ids": sorted(self.eos_ids), "is_generation": self.embedding is None,
-        }
-        if self.embedding is not None:
-            info.update(embedding_info(self.embedding, runner.embedding_dim, runner.matryoshka_dimensions))
-        info["loras"] = [msgspec.structs.asdict(LoRAAdapterInfo(*a)) for a in self.lora.loaded()] if self.lora else []
-        return info
+        embedding = {} if self.embedding is None else embedding_info(self.embedding, runner.embedding_dim,
+                                                                      runner.matryoshka_dimensions)
+        return EngineInfo(
+            context_length=self.max_seq_len, vocab_size=runner.config.vocab_size,
+            architecture=runner.config.architecture, dtype=str(runner.dtype).removeprefix("torch."),
+            device=str(runner.device), max_total_tokens=self.kv.capacity, is_generation=self.embedding is None,
+            eos_token_ids=sorted(self.eos_ids), loras=[LoRAAdapterInfo(*a) for a in self.lora.loaded()] if self.lora else [],
+            **embedding)
 
     # ---- requests in and out
     def submit(self, msg: GenerateReq | EmbedReq) -> None:
@@ -114,8 +111,11 @@ class Scheduler:
     @property
     def grammar(self) -> GrammarBackend:
         if self._grammar is None:
-            vocab = self._grammar_vocab or tokenizer_vocab(load_tokenizer(self.args.model_path,
-                                                                          self.args.tokenizer_path))
+            vocab = self._grammar_vocab
+            if isinstance(vocab, Future):
+                vocab = vocab.result()
+            elif vocab is None:
+                vocab = tokenizer_vocab(load_tokenizer(self.args.model_path, self.args.tokenizer_path))
             self._grammar = GrammarBackend(*vocab, vocab_size=self.runner.config.vocab_size,
                                            stop_token_ids=sorted(self.eos_ids),
                                            max_rows=self.args.max_running_requests)
@@ -127,11 +127,11 @@ class Scheduler:
             self.compiling.remove(req)
             try:
                 req.matcher = self.grammar.matcher(req.grammar.result())
-            except Exception as e:  # noqa: BLE001 - the API process checked the spec; report anything left
-                logger.warning("grammar compilation failed for %s: %s", req.rid, e)
+            except Exception as e:  # noqa: BLE001 - an invalid spec (a 400 for its request), or a backend fault
+                logger.info("output constraint of %s refused: %s", req.rid, e)
                 req.finish_reason = "error"
-                self._finish(req, TokenOutput(req.rid, error=f"the output constraint failed to compile: {e}",
-                                              prompt_tokens=len(req.prompt_ids)))
+                error = str(e) if isinstance(e, ValueError) else f"the output constraint failed to compile: {e}"
+                self._finish(req, TokenOutput(req.rid, error=error, prompt_tokens=len(req.prompt_ids)))
                 continue
             self.waiting.append(req)
 
@@ -356,73 +356,3 @@ class Scheduler:
 
 # An embedding request generates nothing (its sampling parameters are never used).
 _EMBED_PARAMS = SamplingParams(max_new_tokens=0)
-
-
-def create_scheduler(args: ServerArgs, grammar_vocab: tuple[list[str], str] | None = None):
-    """The scheduler for the model's kind: Scheduler (generation, or a decoder served for embeddings)
-    or EncoderScheduler (a BERT-family embedding model: no KV, no sampling)."""
-    if embedding_kind(args.model_path, args.is_embedding) == "encoder":
-        from radixserve.engine.encoder_scheduler import EncoderScheduler
-
-        return EncoderScheduler(args)
-    return Scheduler(args, grammar_vocab=grammar_vocab)
-
-
-def run_engine_process(args: ServerArgs, in_addr: str, out_addr: str, ready,
-                       grammar_vocab: tuple[list[str], str] | None = None) -> None:
-    """Entry point of the engine process: load, report readiness on `ready` (a Pipe end), then loop."""
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s")
-    try:
-        scheduler = create_scheduler(args, grammar_vocab)
-    except Exception as e:  # report load failures to the parent instead of dying silently
-        logger.exception("engine failed to start")
-        ready.send({"error": f"{type(e).__name__}: {e}"})
-        return
-    ready.send(scheduler.info())
-    ctx = zmq.Context()
-    recv = ctx.socket(zmq.PULL)
-    recv.bind(in_addr)
-    send = ctx.socket(zmq.PUSH)
-    send.bind(out_addr)
-    decoder = msgspec.msgpack.Decoder(EngineInput)
-    encoder = msgspec.msgpack.Encoder()
-    parent = os.getppid()
-    try:
-        while True:
-            # Idle: block (waking every second to notice an orphaned engine); busy: just drain.
-            # Only grammars compiling: wait briefly, leaving the CPU to the compiler thread.
-            if not scheduler.runnable() and not recv.poll(2 if scheduler.compiling else 1000) \
-                    and not scheduler.compiling:
-                if os.getppid() != parent:
-                    return
-                continue
-            while recv.poll(0):
-                msg = decoder.decode(recv.recv())
-                if isinstance(msg, (GenerateReq, EmbedReq)):
-                    scheduler.submit(msg)
-                elif isinstance(msg, EmbedBatch):
-                    for req in msg.reqs:
-                        scheduler.submit(req)
-                elif isinstance(msg, AbortReq):
-                    scheduler.abort(msg.rid)
-                elif isinstance(msg, FlushCacheReq):
-                    send.send(encoder.encode(scheduler.stats(flushed=scheduler.flush_cache())))
-                elif isinstance(msg, StatsReq):
-                    send.send(encoder.encode(scheduler.stats()))
-                elif isinstance(msg, LoadLoRAReq):
-                    scheduler.load_lora(msg)
-                elif isinstance(msg, UnloadLoRAReq):
-                    scheduler.unload_lora(msg)
-            if scheduler.has_work():
-                scheduler.step()
-            outputs = scheduler.take_outputs()
-            if outputs:
-                send.send(encoder.encode(BatchOutput(outputs)))
-            for reply in scheduler.take_control():  # after the outputs of the requests it waited for
-                send.send(encoder.encode(reply))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        recv.close(0)
-        send.close(0)
-        ctx.term()

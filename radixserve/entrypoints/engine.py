@@ -1,4 +1,5 @@
-"""The offline Python API: the same TokenizerManager and engine process as the server, without HTTP."""
+"""The offline Python API: the same TokenizerManager and engine process as the server, without HTTP (and
+the same result shape as SGLang's native /generate)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +7,9 @@ import threading
 from typing import Any, AsyncIterator
 
 from radixserve.config import ServerArgs
-from radixserve.managers.tokenizer_manager import SequenceResult, TokenizerManager
+from radixserve.managers.launch import EngineProcess
+from radixserve.managers.tokenizer_manager import TokenizerManager
+from radixserve.server.native import SequenceResult
 from radixserve.sampling.params import SamplingParams
 
 Prompt = str | list[int]
@@ -36,11 +39,11 @@ class Engine:
         self.tokenizer = self.tokenizer_manager.tokenizer
 
     async def _create(self) -> TokenizerManager:
-        return TokenizerManager(self.args)
+        return TokenizerManager(self.args, EngineProcess(self.args))
 
     async def _submit(self, ids: list[int], params: SamplingParams, lora: str | None = None):
         tm = self.tokenizer_manager
-        return tm.submit(ids, params, lora_id=await tm.resolve_lora(lora))
+        return tm.submit(ids, params, lora_id=await tm.lora.resolve(lora))
 
     async def _close(self) -> None:
         await self.tokenizer_manager.stop_receiving()
@@ -163,11 +166,11 @@ class Engine:
     def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> dict[str, str]:
         """Load a PEFT adapter folder; returns {name: path} of the loaded adapters. ValueError naming what
         is wrong with the files."""
-        return self._call(self.tokenizer_manager.load_lora_adapter(lora_name, lora_path, pinned))
+        return self._call(self.tokenizer_manager.lora.load(lora_name, lora_path, pinned))
 
     def unload_lora_adapter(self, lora_name: str) -> dict[str, str]:
         """Unload an adapter once its running requests have finished."""
-        return self._call(self.tokenizer_manager.unload_lora_adapter(lora_name))
+        return self._call(self.tokenizer_manager.lora.unload(lora_name))
 
     def flush_cache(self) -> bool:
         return self._call(self.tokenizer_manager.flush_cache()).flushed

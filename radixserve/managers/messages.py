@@ -1,9 +1,60 @@
-"""Typed messages between the API process and the engine process (msgspec-encoded over ZMQ)."""
+"""The whole contract between the API process and the engine process: typed msgspec messages over ZMQ
+(and `sampling/params.py`, torch-free, which they carry). Nothing else crosses between the processes.
+
+Start-up: the launcher writes `EngineStart` (JSON) to the engine's stdin; the engine answers on the
+ready socket with `EngineReady` (its `EngineInfo`) or `EngineFailed`. Then `EngineInput` messages flow
+in and `EngineOutput` messages flow out."""
 from __future__ import annotations
 
 import msgspec
 
 from radixserve.sampling.params import SamplingParams
+
+
+class LoRAAdapterInfo(msgspec.Struct):
+    id: int
+    name: str
+    path: str
+    pinned: bool = False
+
+
+class EngineStart(msgspec.Struct):
+    """How the launcher starts an engine process: its options and where to talk."""
+
+    args: dict  # ServerArgs as a dict (dataclasses.asdict)
+    in_addr: str  # requests: the engine binds a PULL socket here
+    out_addr: str  # outputs: the engine binds a PUSH socket here
+    ready_addr: str  # the handshake: the engine connects a PUSH socket here and sends one message
+
+
+class EngineInfo(msgspec.Struct):
+    """What the API process knows of the served model, sent once by the engine when it is ready."""
+
+    context_length: int  # prompt + output tokens per request at most
+    vocab_size: int
+    architecture: str
+    dtype: str
+    device: str
+    max_total_tokens: int  # KV pool size in tokens (0 for an encoder: it keeps no KV)
+    is_generation: bool
+    eos_token_ids: list[int] = []
+    loras: list[LoRAAdapterInfo] = []  # adapters loaded at start (--lora-paths)
+    # Embedding models only:
+    embedding_dim: int | None = None
+    pooling: str | None = None  # e.g. "mean", "cls", "lasttoken" ("+"-joined when concatenated)
+    normalized: bool | None = None
+    matryoshka_dimensions: list[int] | None = None
+    do_lower_case: bool = False  # texts are lower-cased before tokenization
+
+
+class EngineReady(msgspec.Struct, tag=True):
+    info: EngineInfo
+
+
+class EngineFailed(msgspec.Struct, tag=True):
+    """The engine could not start (bad model files, unsupported architecture, no memory...)."""
+
+    error: str
 
 
 class GenerateReq(msgspec.Struct, tag=True):
@@ -57,13 +108,6 @@ class UnloadLoRAReq(msgspec.Struct, tag=True):
     name: str
 
 
-class LoRAAdapterInfo(msgspec.Struct):
-    id: int
-    name: str
-    path: str
-    pinned: bool = False
-
-
 class LoRAUpdateOutput(msgspec.Struct, tag=True):
     """The answer to LoadLoRAReq / UnloadLoRAReq, with the adapters loaded afterwards."""
 
@@ -107,3 +151,4 @@ class Stats(msgspec.Struct, tag=True):
 
 EngineInput = GenerateReq | EmbedReq | EmbedBatch | AbortReq | FlushCacheReq | StatsReq | LoadLoRAReq | UnloadLoRAReq
 EngineOutput = BatchOutput | Stats | LoRAUpdateOutput
+EngineHandshake = EngineReady | EngineFailed

@@ -9,6 +9,8 @@ import torch
 from gguf import GGUFReader, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from radixserve.model_files import gguf_field
+
 SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # Per-layer tensor names: GGUF suffix → HF suffix.
@@ -42,38 +44,33 @@ SUPPORTED_TYPES = {
 }
 
 
-def _field(reader: GGUFReader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
 def read_config(reader: GGUFReader) -> dict:
     """The model's hyper-parameters as an HF config.json would state them."""
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
     names = {t.name for t in reader.tensors}
-    heads = _field(reader, f"{arch}.attention.head_count")
-    hidden = _field(reader, f"{arch}.embedding_length")
-    vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    heads = gguf_field(reader, f"{arch}.attention.head_count")
+    hidden = gguf_field(reader, f"{arch}.embedding_length")
+    vocab = gguf_field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
     cfg = {
         "architectures": [SUPPORTED_ARCHS[arch]],
         "model_type": arch,
         "hidden_size": hidden,
-        "num_hidden_layers": _field(reader, f"{arch}.block_count"),
+        "num_hidden_layers": gguf_field(reader, f"{arch}.block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": _field(reader, f"{arch}.attention.head_count_kv", heads),
-        "head_dim": _field(reader, f"{arch}.attention.key_length", hidden // heads),
-        "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
+        "num_key_value_heads": gguf_field(reader, f"{arch}.attention.head_count_kv", heads),
+        "head_dim": gguf_field(reader, f"{arch}.attention.key_length", hidden // heads),
+        "intermediate_size": gguf_field(reader, f"{arch}.feed_forward_length"),
         "vocab_size": vocab,
-        "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
-        "max_position_embeddings": _field(reader, f"{arch}.context_length", 4096),
+        "rms_norm_eps": gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": gguf_field(reader, f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": gguf_field(reader, f"{arch}.context_length", 4096),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
         "eos_token_id": eos,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
     }
     return cfg
 
@@ -139,4 +136,4 @@ def iter_q4_weights(reader: GGUFReader, cfg: dict) -> Iterator[tuple[str, torch.
 
 
 def chat_template(reader: GGUFReader) -> str | None:
-    return _field(reader, "tokenizer.chat_template")
+    return gguf_field(reader, "tokenizer.chat_template")

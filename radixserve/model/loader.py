@@ -1,7 +1,6 @@
 """Model files → config, weights and tokenizer: an HF folder (config.json + *.safetensors) or a GGUF file."""
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import os
@@ -11,30 +10,14 @@ import torch
 
 from radixserve.config import ModelConfig
 from radixserve.model import gguf as gguf_file
-
-
-def is_gguf(path: str) -> bool:
-    return os.path.isfile(path) and path.endswith(".gguf")
-
-
-def _check_exists(path: str) -> None:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path!r} does not exist (models are loaded from local files only)")
-
-
-@functools.lru_cache(maxsize=2)
-def _gguf_reader(path: str):
-    """Parsing a GGUF's metadata takes seconds (the vocabulary is stored as fields): do it once per file."""
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
+from radixserve.model_files import check_exists, gguf_reader, is_gguf
 
 
 def read_hf_config(path: str) -> dict:
     """The model's config as a dict in HF's names (config.json, or GGUF metadata translated)."""
-    _check_exists(path)
+    check_exists(path)
     if is_gguf(path):
-        return gguf_file.read_config(_gguf_reader(path))
+        return gguf_file.read_config(gguf_reader(path))
     with open(os.path.join(path, "config.json")) as f:
         return json.load(f)
 
@@ -72,7 +55,7 @@ def load_model_config(path: str) -> ModelConfig:
 def iter_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor in dtype, on the CPU) for every weight of the checkpoint, shard by shard."""
     if is_gguf(path):
-        reader = _gguf_reader(path)
+        reader = gguf_reader(path)
         yield from gguf_file.iter_weights(reader, gguf_file.read_config(reader), dtype)
         return
     from safetensors import safe_open
@@ -88,17 +71,6 @@ def iter_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Ten
 
 def iter_q4_weights(path: str) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """(HF name, (q, scale, zero)) for every Q4_0/Q4_1 projection weight of a GGUF file."""
-    reader = _gguf_reader(path)
+    reader = gguf_reader(path)
     for name, q, scale, zero in gguf_file.iter_q4_weights(reader, gguf_file.read_config(reader)):
         yield name, (q, scale, zero)
-
-
-def load_tokenizer(path: str, tokenizer_path: str | None = None):
-    """A transformers fast tokenizer with the model's chat template (GGUF metadata or the folder's files)."""
-    from transformers import AutoTokenizer
-
-    source = tokenizer_path or path
-    _check_exists(source)
-    if is_gguf(source):
-        return AutoTokenizer.from_pretrained(os.path.dirname(source), gguf_file=os.path.basename(source))
-    return AutoTokenizer.from_pretrained(source)

@@ -1,4 +1,6 @@
-"""Per-request sampling parameters with validation."""
+"""Per-request sampling parameters with validation: part of the contract between the API process and
+the engine (torch-free). Every limit a request is checked against is defined here, once; the OpenAI
+protocol's pydantic fields reference these constants."""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,14 @@ from typing import Any
 # Temperatures below this are treated as greedy: dividing logits by a tiny
 # temperature overflows float32 and would turn the softmax into NaNs.
 GREEDY_TEMPERATURE = 1e-5
-MAX_TOP_LOGPROBS = 20
+# New tokens when a request sets none: SGLang's native API and the offline Engine. The OpenAI routes
+# default to --default-max-tokens (16, as OpenAI's completions API does) instead.
+DEFAULT_MAX_NEW_TOKENS = 128
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
+MAX_N = 128  # sequences per prompt
+OPENAI_MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]; SGLang's native API takes any finite value >= 0
+PENALTY_RANGE = (-2.0, 2.0)  # frequency_penalty and presence_penalty
+MAX_REPETITION_PENALTY = 2.0  # repetition_penalty is in (0, this]
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
@@ -23,7 +32,7 @@ def _is_real(v: Any) -> bool:
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -94,9 +103,9 @@ class SamplingParams:
         if self.top_k != -1 and self.top_k < 1:
             raise bad("top_k", "-1 (disabled) or >= 1")
         real_in("min_p", 0.0, 1.0)
-        real_in("frequency_penalty", -2.0, 2.0)
-        real_in("presence_penalty", -2.0, 2.0)
-        real_in("repetition_penalty", 0.0, 2.0, lo_open=True)
+        real_in("frequency_penalty", *PENALTY_RANGE)
+        real_in("presence_penalty", *PENALTY_RANGE)
+        real_in("repetition_penalty", 0.0, MAX_REPETITION_PENALTY, lo_open=True)
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "an int or None")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
@@ -116,8 +125,8 @@ class SamplingParams:
             raise bad("logprobs", "True when top_logprobs > 0")
         if not _is_int(self.n):
             raise bad("n", "an int")
-        if self.n < 1:
-            raise bad("n", ">= 1")
+        if not 1 <= self.n <= MAX_N:
+            raise bad("n", f"in [1, {MAX_N}]")
         given = [name for name in GRAMMAR_KINDS if getattr(self, name) is not None]
         for name in given:
             if not isinstance(getattr(self, name), str):

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixserve.config import ServerArgs
 from radixserve.lora.refs import LoRANotFoundError
+from radixserve.managers.launch import EngineProcess
 from radixserve.managers.tokenizer_manager import EngineDeadError, OverloadedError, TokenizerManager
 from radixserve.sampling.params import SamplingParams
 from radixserve.server import chat, completions, embeddings, native
@@ -58,7 +59,7 @@ class _State:
 
     def start(self) -> None:
         try:
-            tm = TokenizerManager(self.args)
+            tm = TokenizerManager(self.args, EngineProcess(self.args))
             tm.metrics = self.metrics
             self.ctx = ServingContext(tm, self.args)
             logger.info("ready: serving %s on http://%s:%d", self.args.served_model_name, self.args.host,
@@ -70,7 +71,7 @@ class _State:
     def serving(self) -> ServingContext:
         if self.ctx is None:
             raise APIError(503, self.error or "the model is still loading", headers={"Retry-After": "5"})
-        if self.ctx.tm.dead or not self.ctx.tm.proc.is_alive():
+        if not self.ctx.tm.alive():
             raise APIError(503, "the engine process is not running")
         return self.ctx
 
@@ -97,6 +98,17 @@ async def _until_disconnected(request: Request, coro) -> Any:
 
 async def _respond(request: Request, handles, run, stream: bool) -> Response:
     if stream:
+        try:  # a stream starts once the engine accepted its output constraints (an invalid one is a 400)
+            for h in handles:
+                if h.constrained:
+                    await h.ready()
+        except BaseException as e:
+            for h in handles:
+                h.close()
+            if isinstance(e, Exception):
+                raise as_api_error(e) from None
+            raise  # cancelled: the client went away
+
         async def events():
             try:
                 async for event in sse_with_errors(run):
@@ -211,7 +223,7 @@ def create_app(args: ServerArgs) -> FastAPI:
         card = next((c for c in cards[1:] if c.id == f"{ctx.served_model_name}:{adapter}"), None)
         if card is None:
             raise APIError(404, f"LoRA adapter {adapter!r} is not loaded; loaded: "
-                                f"{', '.join(sorted(ctx.tm.loaded_adapters())) or 'none'}", code="model_not_found")
+                                f"{ctx.tm.lora.names()}", code="model_not_found")
         return card
 
     # ---- SGLang's native and operational routes
@@ -250,10 +262,11 @@ def create_app(args: ServerArgs) -> FastAPI:
         info = ctx.tm.info
         out = {"model_path": ctx.model_path, "tokenizer_path": args.tokenizer_path or ctx.model_path,
                "served_model_name": ctx.served_model_name, "is_generation": ctx.is_generation,
-               "architecture": info["architecture"], "dtype": info["dtype"], "device": info["device"],
-               "context_length": ctx.tm.context_length, "vocab_size": info["vocab_size"]}
+               "architecture": info.architecture, "dtype": info.dtype, "device": info.device,
+               "context_length": ctx.tm.context_length, "vocab_size": info.vocab_size}
         if not ctx.is_generation:
-            out.update({k: info[k] for k in ("embedding_dim", "pooling", "normalized", "matryoshka_dimensions")})
+            out.update({k: getattr(info, k) for k in ("embedding_dim", "pooling", "normalized",
+                                                      "matryoshka_dimensions")})
         return out
 
     @app.get("/get_server_info")
@@ -261,7 +274,7 @@ def create_app(args: ServerArgs) -> FastAPI:
         ctx = state.serving()
         stats = await ctx.tm.stats()
         return {**dataclasses.asdict(args), "api_key": "***" if args.api_key else None,
-                "max_total_tokens": ctx.tm.info["max_total_tokens"],
+                "max_total_tokens": ctx.tm.info.max_total_tokens,
                 "stats": {"num_running": stats.num_running, "num_waiting": stats.num_waiting,
                           "kv_total": stats.kv_total, "kv_free": stats.kv_free, "kv_cached": stats.kv_cached,
                           "kv_used": stats.kv_total - stats.kv_free - stats.kv_cached,
@@ -283,7 +296,7 @@ def create_app(args: ServerArgs) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         ctx = state.serving()
-        vocab = ctx.tm.info["vocab_size"]
+        vocab = ctx.tm.info.vocab_size
         if any(t < 0 or t >= vocab for t in req.tokens):
             raise bad_request(f"token ids must be in [0, {vocab})", param="tokens")
         return {"text": ctx.tm.tokenizer.decode(req.tokens)}
@@ -297,13 +310,13 @@ def create_app(args: ServerArgs) -> FastAPI:
     # ---- LoRA adapters at run time (SGLang's routes)
     @app.post("/load_lora_adapter")
     async def load_lora_adapter(req: LoadLoRAAdapterRequest):
-        loaded = await state.serving().tm.load_lora_adapter(req.lora_name, req.lora_path, req.pinned)
+        loaded = await state.serving().tm.lora.load(req.lora_name, req.lora_path, req.pinned)
         return {"success": True, "message": f"loaded LoRA adapter {req.lora_name!r}", "loaded_adapters": loaded}
 
     @app.post("/unload_lora_adapter")
     async def unload_lora_adapter(req: UnloadLoRAAdapterRequest):
         try:
-            loaded = await state.serving().tm.unload_lora_adapter(req.lora_name)
+            loaded = await state.serving().tm.lora.unload(req.lora_name)
         except LoRANotFoundError as e:
             raise APIError(404, str(e), code="model_not_found", param="lora_name") from None
         return {"success": True, "message": f"unloaded LoRA adapter {req.lora_name!r}", "loaded_adapters": loaded}

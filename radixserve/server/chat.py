@@ -9,7 +9,7 @@ from typing import AsyncIterator
 
 from radixserve.constrained.tools import tool_call_constraint
 from radixserve.managers.tokenizer_manager import GenerationChunk, RequestHandle
-from radixserve.server.common import ServingContext, output_constraint, sse
+from radixserve.server.common import ServingContext, sse
 from radixserve.server.errors import bad_request
 from radixserve.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                         ChatStreamChoice, ChoiceLogprobs, DeltaFunction, DeltaMessage, DeltaToolCall,
@@ -133,7 +133,7 @@ def _outputs(ctx: ServingContext, req: ChatCompletionRequest) -> list[_ChoiceOut
 
 def _tool_constraint(ctx: ServingContext, req: ChatCompletionRequest) -> dict[str, str] | None:
     """The grammar that keeps tool calls well-formed (a response_format or regex of the request wins)."""
-    if req.tool_mode == "none" or output_constraint(req):
+    if req.tool_mode == "none" or req.output_constraint():
         return None
     choice = req.tool_choice.model_dump() if req.tool_mode == "named" else req.tool_mode
     tag = tool_call_constraint([t.model_dump(exclude_none=True) for t in req.tools], choice, req.parallel_tool_calls,
@@ -153,8 +153,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     """Validate and submit; returns the handle and either a response builder (await it) or an SSE iterator."""
     lora_id = await ctx.resolve_lora(req.model, req.lora_path)
     prompt_ids = render_prompt(ctx, req)
-    params = ctx.sampling_params(req, len(prompt_ids), req.max_completion_tokens or req.max_tokens,
-                                 req.logprobs, req.top_logprobs or 0, constraint=_tool_constraint(ctx, req))
+    params = req.to_sampling_params(ctx.max_new_tokens(req.requested_max_tokens, len(prompt_ids)),
+                                    constraint=_tool_constraint(ctx, req))
     handle = ctx.tm.submit(prompt_ids, params, lora_id=lora_id)
     if req.stream:
         return handle, _stream(ctx, req, handle, len(prompt_ids))

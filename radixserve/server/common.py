@@ -14,7 +14,6 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from radixserve.config import ServerArgs
 from radixserve.lora.refs import LoRANotFoundError
 from radixserve.managers.tokenizer_manager import EngineDeadError, GenerationChunk, OverloadedError, RequestHandle
-from radixserve.sampling.params import SamplingParams
 from radixserve.server.errors import APIError, bad_request
 from radixserve.server.protocol import PromptTokensDetails, Usage, _Sampling
 
@@ -81,7 +80,7 @@ class ServingContext:
                                 f"it with --enable-lora)", code="model_not_found",
                            param="model" if adapter else "lora_path")
         try:
-            return await self.tm.resolve_lora(name)
+            return await self.tm.lora.resolve(name)
         except LoRANotFoundError as e:
             raise APIError(404, str(e), code="model_not_found", param="model" if adapter else "lora_path") from None
 
@@ -89,39 +88,22 @@ class ServingContext:
         """(id, root, parent) of the base model and of each loaded adapter."""
         served = self.served_model_name
         return [(served, self.model_path, None)] + [
-            (f"{served}:{name}", path, served) for name, path in sorted(self.tm.loaded_adapters().items())]
+            (f"{served}:{name}", path, served) for name, path in sorted(self.tm.lora.loaded().items())]
 
-    def sampling_params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool,
-                        top_logprobs: int, constraint: dict[str, str] | None = None) -> SamplingParams:
-        """The engine's parameters for one prompt, with the context-length checks that need its length.
-        constraint: an output constraint the endpoint built itself (tool calls); else the request's own."""
+    def max_new_tokens(self, requested: int | None, prompt_len: int) -> int:
+        """A request's max_tokens, checked against the context length with its prompt; when it gives none,
+        --default-max-tokens (-1: until the context is full) within what the context leaves."""
         ctx = self.tm.context_length
         if prompt_len >= ctx:
             raise bad_request(f"This model's maximum context length is {ctx} tokens; the prompt has "
                               f"{prompt_len} tokens", param="messages")
-        if max_tokens is not None and prompt_len + max_tokens > ctx:
-            raise bad_request(f"This model's maximum context length is {ctx} tokens; {prompt_len} prompt tokens + "
-                              f"max_tokens {max_tokens} exceed it", param="max_tokens")
-        if max_tokens is None:
-            default = self.args.default_max_tokens
-            max_tokens = ctx - prompt_len if default < 0 else min(default, ctx - prompt_len)
-        values = {
-            "max_new_tokens": max_tokens, "n": req.n, "stop": req.stop or [], "stop_token_ids": req.stop_token_ids or [],
-            "seed": req.seed, "ignore_eos": req.ignore_eos, "skip_special_tokens": req.skip_special_tokens,
-            "spaces_between_special_tokens": req.spaces_between_special_tokens, "logprobs": logprobs,
-            "top_logprobs": top_logprobs, **(constraint or output_constraint(req)),
-        }
-        for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-                     "repetition_penalty"):
-            value = getattr(req, name)
-            if value is not None:
-                values[name] = value
-        params = SamplingParams(**values)
-        try:
-            params.validate()
-        except ValueError as e:
-            raise bad_request(str(e)) from None
-        return params
+        if requested is not None:
+            if prompt_len + requested > ctx:
+                raise bad_request(f"This model's maximum context length is {ctx} tokens; {prompt_len} prompt tokens "
+                                  f"+ max_tokens {requested} exceed it", param="max_tokens")
+            return requested
+        default = self.args.default_max_tokens
+        return ctx - prompt_len if default < 0 else min(default, ctx - prompt_len)
 
     def usage(self, req: _Sampling, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -146,20 +128,6 @@ class ServingContext:
         if byte:
             return [int(byte.group(1), 16)]
         return list(self.token_text(token_id).encode())
-
-
-def output_constraint(req: _Sampling) -> dict[str, str]:
-    """The request's response_format / regex / ebnf as SamplingParams fields (checked on submission)."""
-    fmt = req.response_format
-    if fmt is not None and fmt.type == "json_object":
-        return {"json_schema": json.dumps({"type": "object"})}
-    if fmt is not None and fmt.type == "json_schema":
-        return {"json_schema": json.dumps(fmt.json_schema.schema_)}
-    if req.regex is not None:
-        return {"regex": req.regex}
-    if req.ebnf is not None:
-        return {"ebnf": req.ebnf}
-    return {}
 
 
 def sse(payload) -> str:

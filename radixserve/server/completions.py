@@ -58,8 +58,7 @@ class _Choice:
 async def create_completion(ctx: ServingContext, req: CompletionRequest) -> tuple[list[RequestHandle], object]:
     lora_id = await ctx.resolve_lora(req.model, req.lora_path)
     prompts = _prompts(ctx, req.prompt)
-    k = req.logprobs or 0
-    params = [ctx.sampling_params(req, len(ids), req.max_tokens, req.logprobs is not None, k) for ids in prompts]
+    params = [req.to_sampling_params(ctx.max_new_tokens(req.max_tokens, len(ids))) for ids in prompts]
     handles: list[RequestHandle] = []
     score_prompt = req.echo and req.logprobs is not None
     try:

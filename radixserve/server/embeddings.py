@@ -25,7 +25,7 @@ def tokenize_inputs(ctx: ServingContext, inp) -> list[list[int]]:
         inputs = [inp]
     else:
         inputs = inp
-    limit, vocab = ctx.tm.context_length, ctx.tm.info["vocab_size"]
+    limit, vocab = ctx.tm.context_length, ctx.tm.info.vocab_size
     single = isinstance(inp, str) or isinstance(inp[0], int)
     for i, ids in enumerate(inputs):
         which = "input" if single else f"input[{i}]"

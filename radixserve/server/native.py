@@ -2,20 +2,40 @@
 SGLang's shape (text, output_ids, meta_info); streamed as cumulative results."""
 from __future__ import annotations
 
-from radixserve.managers.tokenizer_manager import RequestHandle, SequenceResult
-from radixserve.sampling.params import SamplingParams
+from radixserve.managers.tokenizer_manager import GenerationChunk, RequestHandle
 from radixserve.server.common import ServingContext, merge_streams, sse
 from radixserve.server.errors import bad_request
 from radixserve.server.protocol import GenerateRequest
 
 
+class SequenceResult:
+    """Accumulates one sequence's chunks into SGLang's output dict: text, output_ids, meta_info."""
+
+    def __init__(self) -> None:
+        self.text, self.ids, self.logprobs, self.last = "", [], [], None
+
+    def add(self, c: GenerationChunk) -> None:
+        self.text += c.text
+        self.ids += c.token_ids
+        self.logprobs += c.logprobs
+        self.last = c
+
+    def to_dict(self, rid: str) -> dict:
+        c = self.last
+        finish: dict = {"type": c.finish_reason}
+        if c.matched_stop is not None:
+            finish["matched"] = c.matched_stop
+        meta = {"id": rid, "finish_reason": finish if c.finish_reason else None, "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens, "cached_tokens": c.cached_tokens}
+        if self.logprobs:
+            meta["output_token_logprobs"] = [(lp, tok) for tok, lp, _ in self.logprobs]
+            meta["output_top_logprobs"] = [[(lp, t) for t, lp in top] for _, _, top in self.logprobs]
+        return {"text": self.text, "output_ids": self.ids, "meta_info": meta}
+
+
 async def create_generate(ctx: ServingContext, req: GenerateRequest) -> tuple[list[RequestHandle], object]:
-    sp = dict(req.sampling_params or {})
-    if req.return_logprob:
-        sp.setdefault("logprobs", True)
-        sp.setdefault("top_logprobs", req.top_logprobs_num)
     try:
-        params = SamplingParams.from_dict(sp)
+        params = req.to_sampling_params()
     except ValueError as e:
         raise bad_request(str(e), param="sampling_params") from None
     if req.text is not None:

@@ -1,13 +1,15 @@
 """Pydantic models of the OpenAI API (and SGLang's extensions): requests validated, responses typed."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-MAX_TOP_LOGPROBS = 20
+from radixserve.sampling.params import (MAX_N, MAX_REPETITION_PENALTY, MAX_TOP_LOGPROBS, OPENAI_MAX_TEMPERATURE,
+                                        PENALTY_RANGE, SamplingParams)
 
 
 class _Request(BaseModel):
@@ -44,15 +46,15 @@ class _Sampling(_Request):
     """Parameters shared by chat and completions (OpenAI's, then SGLang/vLLM's extensions)."""
 
     model: str
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=OPENAI_MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = None
     min_p: float | None = Field(None, ge=0, le=1)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    frequency_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    presence_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
     max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
@@ -85,6 +87,36 @@ class _Sampling(_Request):
         if len(given) > 1:
             raise ValueError(f"give at most one output constraint; got {', '.join(given)}")
         return self
+
+    def output_constraint(self) -> dict[str, str]:
+        """response_format / regex / ebnf as SamplingParams fields (the engine checks them)."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return {"json_schema": json.dumps({"type": "object"})}
+        if fmt is not None and fmt.type == "json_schema":
+            return {"json_schema": json.dumps(fmt.json_schema.schema_)}
+        if self.regex is not None:
+            return {"regex": self.regex}
+        if self.ebnf is not None:
+            return {"ebnf": self.ebnf}
+        return {}
+
+    def _sampling_params(self, max_new_tokens: int, logprobs: bool, top_logprobs: int,
+                         constraint: dict[str, str] | None) -> SamplingParams:
+        """The engine's parameters; a setting the request leaves out keeps SamplingParams' default."""
+        values = {
+            "max_new_tokens": max_new_tokens, "n": self.n, "stop": self.stop or [],
+            "stop_token_ids": self.stop_token_ids or [], "seed": self.seed, "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens, "logprobs": logprobs,
+            "top_logprobs": top_logprobs, **(self.output_constraint() if constraint is None else constraint),
+        }
+        for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = value
+        return SamplingParams.from_dict(values)
 
 
 class TextPart(_Request):
@@ -176,6 +208,14 @@ class ChatCompletionRequest(_Sampling):
             return "named"
         return self.tool_choice or "auto"
 
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def to_sampling_params(self, max_new_tokens: int, constraint: dict[str, str] | None = None) -> SamplingParams:
+        """constraint: one the endpoint built itself (tool calls), instead of the request's own."""
+        return self._sampling_params(max_new_tokens, self.logprobs, self.top_logprobs or 0, constraint)
+
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs and not self.logprobs:
@@ -206,6 +246,13 @@ class CompletionRequest(_Sampling):
             return v
         raise ValueError("must be a string, a list of strings, a list of token ids, or a list of "
                          "non-empty token-id lists")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def to_sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        return self._sampling_params(max_new_tokens, self.logprobs is not None, self.logprobs or 0, None)
 
     @model_validator(mode="after")
     def _check_completion(self):
@@ -411,6 +458,15 @@ class GenerateRequest(_Request):
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("give exactly one of text and input_ids")
         return self
+
+    def to_sampling_params(self) -> SamplingParams:
+        """sampling_params in SGLang's names (max_new_tokens defaults to DEFAULT_MAX_NEW_TOKENS);
+        return_logprob asks for the sampled tokens' logprobs with top_logprobs_num alternatives."""
+        values = dict(self.sampling_params or {})
+        if self.return_logprob:
+            values.setdefault("logprobs", True)
+            values.setdefault("top_logprobs", self.top_logprobs_num)
+        return SamplingParams.from_dict(values)
 
 
 class LoadLoRAAdapterRequest(_Request):

@@ -128,7 +128,7 @@ def test_encoder_abort_of_waiting_texts(encoder):
     outs, steps = run_encoder(s, [])
     assert {r: o.finish_reason for r, o in outs.items()} == {"r0": "stop", "r1": "abort", "r2": "stop", "r3": "abort"}
     assert steps == 1 and not s.has_work() and not s.waiting
-    assert s.info()["is_generation"] is False and s.info()["embedding_dim"] == 32
+    assert s.info().is_generation is False and s.info().embedding_dim == 32
 
 
 def test_encoder_dimensions_per_request(tiny_bert, encoder):
@@ -158,7 +158,7 @@ def hf_embedding(model, ids: list[int]) -> np.ndarray:
 
 def test_decoder_embeds_last_token_like_transformers(tiny, hf_llama, monkeypatch):
     s = tiny(is_embedding=True, chunked_prefill_size=64)
-    assert s.embedding is not None and s.info()["is_generation"] is False
+    assert s.embedding is not None and s.info().is_generation is False
     prompts = {"short": rand_ids(5, 1), "mid": rand_ids(40, 2), "long": rand_ids(150, 3), "one": rand_ids(1, 4)}
     samples = Counter(monkeypatch, s.sampler, "sample")
     run = drive(s, [EmbedReq(rid, ids) for rid, ids in prompts.items()])

@@ -140,8 +140,8 @@ def test_errors_are_clear_and_engine_keeps_serving(engine):
 
 def test_shutdown_stops_engine_process():
     e = radixserve.Engine(max_total_tokens=4096)
-    proc = e.tokenizer_manager.proc
+    engine = e.tokenizer_manager.client.engine
     assert e.generate("Hi", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
     e.shutdown()
-    assert not proc.is_alive()
+    assert not engine.alive()
     e.shutdown()  # idempotent

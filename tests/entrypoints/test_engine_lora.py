@@ -68,7 +68,7 @@ def test_cache_isolation(engine):
 def test_adapter_by_path_and_run_time_load_unload(engine, default_adapters):
     path = default_adapters["all"]
     by_path = engine.generate(PROMPT, GREEDY, lora_path=path)  # loaded now, named after its path
-    assert path in engine.tokenizer_manager.loaded_adapters()
+    assert path in engine.tokenizer_manager.lora.loaded()
     assert engine.generate(PROMPT, GREEDY, lora_path=path)["output_ids"] == by_path["output_ids"]
     loaded = engine.load_lora_adapter("all2", path)
     assert loaded["all2"] == path

@@ -14,7 +14,7 @@ def _engine_pid(server_pid: int) -> int:
     for pid in _children(server_pid):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().replace(b"\0", b" ")
-        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+        if b"radixserve.engine.process" in cmd:
             return pid
     raise AssertionError("no engine process found under the server")
 
