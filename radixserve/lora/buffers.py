@@ -13,7 +13,7 @@ from radixserve.model.layers import Linear
 
 class LoRABuffers:
     def __init__(self, model: nn.Module, layout: dict[str, LinearLayout], num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device, pack: bool = True):
+                 dtype: torch.dtype, device: torch.device, pack: bool = False):
         """pack: see layers.Linear.attach_lora."""
         self.num_slots, self.max_rank = num_slots, max_rank
         self.linears: dict[tuple[int, str], Linear] = {}

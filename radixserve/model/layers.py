@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: RMSNorm, rotary position embedding, LoRA-aware (fused) linear."""
+"""Building blocks of the decoder: RMSNorm, rotary position embedding, (fused) linear."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from radixserve.lora.ops import LoRABatch, add_lora, add_lora_stacked
-from radixserve.kernels.matmul import linear, pack_weight
+from radixserve.kernels.matmul import pack_weight
+from radixserve.model.formats import DENSE, WeightMethod
 
 
 class RMSNorm(nn.Module):
@@ -70,15 +71,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Linear(nn.Linear):
-    """A linear layer, possibly several fused along the output (q|k|v, gate|up), whose output gets the
-    LoRA deltas of the step's adapters once stacked adapter buffers are attached (radixserve/lora)."""
+    """A linear layer, possibly several fused along the output (q|k|v, gate|up: `splits`). It holds the
+    weight and bias and leaves the matmul to its weight method (model/formats: dense by default, packed or
+    int4 as set at load time); its output gets the LoRA deltas of the step's adapters once stacked adapter
+    buffers are attached (radixserve/lora).
+
+    A tensor-parallel linear is meant to compose with the methods rather than multiply them: it would
+    shard the weight (by output columns or input rows), give its shard a method, and gather or reduce
+    the outputs, with no class per (parallelism, format) pair."""
 
     def __init__(self, in_features: int, out_features: int | tuple[int, ...], bias: bool = False):
         self.splits = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         super().__init__(in_features, sum(self.splits), bias=bias)
+        self.method: WeightMethod = DENSE
         # Attached by lora.buffers.LoRABuffers (see lora/ops.py): every slot's stacked adapter weights,
-        # lora_a [slots, R * pieces, in] and lora_b [slots, R * pieces, out], and, when the base weight
-        # is packed, packed copies of both (as linear weights [slots * R * pieces, in] and [out, ...]).
+        # lora_a [slots, R * pieces, in] and lora_b [slots, R * pieces, out], and, when asked to, packed
+        # copies of both (as linear weights [slots * R * pieces, in] and [out, ...]).
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
         self.lora_a_packed: torch.Tensor | None = None
@@ -86,29 +94,12 @@ class Linear(nn.Linear):
         self.lora_pieces = 0
         self.lora_name = ""  # qkv_proj, o_proj, ...: skipped in steps whose adapters do not target it
         self.lora_pack = False
-        # The checkpoint's own 4-bit values (set_int4), used by steps of at most int4_max_tokens tokens.
-        self.int4_weight: torch.Tensor | None = None
-        self.int4_scales: torch.Tensor | None = None
-        self.int4_max_tokens = 0
-        self.packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout (pack_weight)
-
-    def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_tokens: int) -> None:
-        """q [out, in] in 0..15, scale/zero [out, in / 32]: weight = (q - 8) * scale + zero per block of 32.
-        A decode step reads a quarter of the bfloat16 weight's bytes, and memory bandwidth is what bounds
-        a step of a few tokens on a CPU; larger steps are bound by compute, where bfloat16 GEMMs win."""
-        self.int4_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        self.int4_scales = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(self.weight.dtype)
-        self.int4_max_tokens = max_tokens
-
-    def pack_weight(self) -> None:
-        self.packed = pack_weight(self.weight)
 
     def copies(self) -> list[torch.Tensor]:
-        """The weight's copies made for speed (packed layout, int4), and the adapter buffers' packed ones."""
-        return [t for t in (self.packed, self.int4_weight, self.int4_scales, self.lora_a_packed,
-                            self.lora_b_packed) if t is not None]
+        """The weight's copies made for speed (its method's), and the adapter buffers' packed ones."""
+        return self.method.copies() + [t for t in (self.lora_a_packed, self.lora_b_packed) if t is not None]
 
-    def attach_lora(self, a: torch.Tensor, b: torch.Tensor, pieces: int, name: str, pack: bool = True) -> None:
+    def attach_lora(self, a: torch.Tensor, b: torch.Tensor, pieces: int, name: str, pack: bool = False) -> None:
         """pack: keep packed copies for the stacked path's matmuls (where the base weight is packed too);
         not needed where the LoRA kernel (radixserve/kernels) takes every adapter step."""
         self.lora_a, self.lora_b, self.lora_pieces, self.lora_name = a, b, pieces, name
@@ -117,16 +108,12 @@ class Linear(nn.Linear):
 
     def repack_lora(self) -> None:
         """Refresh the packed copies of the adapter buffers after their slots were written."""
-        if self.packed is not None and self.lora_pack:
+        if self.lora_pack:
             self.lora_a_packed = pack_weight(self.lora_a.flatten(0, 1))
             self.lora_b_packed = pack_weight(self.lora_b.flatten(0, 1).T)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        if x.shape[0] <= self.int4_max_tokens:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4_weight, 32, self.int4_scales)
-            y = y if self.bias is None else y + self.bias
-        else:
-            y = linear(x, self.weight, self.bias, self.packed)
+        y = self.method.apply(x, self.weight, self.bias)
         if lora is None or self.lora_a is None or (lora.linears is not None and self.lora_name not in lora.linears):
             return y
         if lora.kernel is not None:

@@ -9,9 +9,9 @@ from torch import nn
 
 from radixserve.config import ModelConfig
 from radixserve.model.attention import AttentionMetadata, paged_attention
+from radixserve.model.formats import DENSE, Int4, Packed, WeightMethod
 from radixserve.lora.ops import LoRABatch
 from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
-from radixserve.kernels.matmul import linear, pack_weight
 from radixserve.model.weights import Target, fused, load_checkpoint
 
 
@@ -61,7 +61,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.head_packed: torch.Tensor | None = None
+        self.head_method: WeightMethod = DENSE  # how the output head multiplies (pack_weights)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, logit_index: torch.Tensor,
@@ -77,20 +77,25 @@ class LlamaForCausalLM(nn.Module):
         x = self.norm(x[logit_index])
         if hidden:
             return x.float()
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(x, head, packed=self.head_packed).float()
+        return self.head_method.apply(x, self._head_weight(), None).float()
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def _linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
 
     def weight_copies(self) -> list[torch.Tensor]:
-        """The copies of weights made for speed (packed layouts, int4), beside the parameters."""
-        head = [] if self.head_packed is None else [self.head_packed]
-        return head + [t for m in self.modules() if isinstance(m, Linear) for t in m.copies()]
+        """The copies of weights made for speed (the weight methods' packed layouts, int4), beside the
+        parameters."""
+        return self.head_method.copies() + [t for m in self._linears() for t in m.copies()]
 
     def pack_weights(self) -> None:
-        """Reorder every linear's weight (and the output head's) for oneDNN (see layers.pack_weight)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack_weight()
-        self.head_packed = pack_weight(self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        """Give every linear (and the output head) the packed method: its weight reordered for oneDNN
+        (see formats/packed.py)."""
+        for module in self._linears():
+            module.method = Packed(module.weight)
+        self.head_method = Packed(self._head_weight())
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named weights in, fusing q/k/v and gate/up; every parameter must be covered."""
@@ -99,15 +104,16 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def load_int4(self, weights: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
                   max_tokens: int) -> int:
-        """Give the projections whose every piece comes as (q, scale, zero) (see Linear.set_int4) an int4
-        path for steps of at most max_tokens tokens; returns how many got one."""
+        """Give the projections whose every piece comes as (q, scale, zero) the int4 method (see
+        formats/int4.py) for steps of at most max_tokens tokens, wrapping the method they had for the
+        larger steps; returns how many got one."""
         modules = dict(self.named_modules())
         count = 0
         for _, name, (q, scale, zero) in fused(weights, self._rename, strict=False):
             linear = modules[name.removesuffix(".weight")]
             if q.shape != linear.weight.shape:
                 raise ValueError(f"int4 weight {name}: shape {tuple(q.shape)} != {tuple(linear.weight.shape)}")
-            linear.set_int4(q, scale, zero, max_tokens)
+            linear.method = Int4(q, scale, zero, max_tokens, linear.weight.dtype, base=linear.method)
             count += 1
         return count
 

@@ -138,8 +138,9 @@ class ModelRunner:
         rank, targets = lora_shape(args, initial)
         layout = model_layout(self.config, targets)
         self.lora_kernel = kernels.lora_add() if self.device.type == "cpu" else None
+        # The stacked path's matmuls go through packed copies where the base weights are packed.
         buffers = LoRABuffers(self.model, layout, args.max_loras_per_batch, rank, self.dtype, self.device,
-                              pack=self.lora_kernel is None)
+                              pack=self.lora_kernel is None and can_pack(self.device, self.dtype))
         logger.info("LoRA: %d batch slots, rank <= %d, targets %s (%.1f MiB)", args.max_loras_per_batch, rank,
                     ", ".join(targets), buffers.nbytes() / 2**20)
         return buffers, layout

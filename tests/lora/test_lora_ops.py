@@ -9,6 +9,7 @@ import torch
 import radixserve.lora.ops as ops
 from radixserve.lora.buffers import LoRABuffers
 from radixserve.lora.ops import LoRABatch, add_lora
+from radixserve.model.formats import Packed
 from radixserve.model.layers import Linear
 from radixserve.kernels.matmul import can_pack
 
@@ -86,8 +87,8 @@ def lora_linear(bias: bool, dtype=torch.float32, packed: bool = False) -> Linear
         if bias:
             lin.bias.copy_(torch.randn(OUT, generator=g))
     if packed:
-        lin.pack_weight()
-    lin.attach_lora(*buffers(dtype), PIECES, "qkv_proj")
+        lin.method = Packed(lin.weight)
+    lin.attach_lora(*buffers(dtype), PIECES, "qkv_proj", pack=packed)
     return lin
 
 
@@ -111,7 +112,7 @@ def test_stacked_and_grouped_paths_match_reference(bias, counts):
     assert torch.equal(plain, base)
 
 
-@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bfloat16 here")
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="oneDNN does not pack bfloat16 on this CPU")
 def test_packed_stacked_path_follows_slot_writes():
     """The packed copies give the plain path's result, and follow a slot rewritten after packing."""
     lin, plain = lora_linear(True, torch.bfloat16, packed=True), lora_linear(True, torch.bfloat16)

@@ -19,6 +19,7 @@ from gguf.quants import dequantize, quantize
 
 from radixserve.config import ServerArgs
 from radixserve.model.attention import AttentionMetadata, AttnGroup
+from radixserve.model.formats import Int4
 from radixserve.model.loader import load_model_config
 from radixserve.model.runner import ModelInput, ModelRunner
 
@@ -104,8 +105,8 @@ def test_int4_steps_match_transformers(real_runner, real_hf, tokenizer):
     closely as the float path does (the values are the same; only the kernel differs)."""
     linears = [m for layer in real_runner.model.layers
                for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
-    assert all(m.int4_weight is not None for m in linears)
-    max_tokens = real_runner.model.layers[0].qkv_proj.int4_max_tokens
+    assert all(isinstance(m.method, Int4) for m in linears)
+    max_tokens = real_runner.model.layers[0].qkv_proj.method.max_tokens
     ids = torch.tensor(tokenizer(PROMPT)["input_ids"][:max_tokens], dtype=torch.int64)
     assert len(ids) == max_tokens
     ours = prefill_logits(real_runner, ids)
