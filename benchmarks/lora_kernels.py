@@ -145,7 +145,7 @@ def main() -> None:
         print(f"{os.path.basename(path)}, {runner.dtype}, {torch.get_num_threads()} threads, rank {args.rank}, "
               f"all projections")
         linear_level(cfg, runner.dtype, args.rank)
-        lora = LoRAManager(sargs, runner.config, runner.lora_buffers, runner.lora_layout, runner.dtype)
+        lora = LoRAManager(sargs, runner.config.num_layers, runner.lora_buffers, runner.lora_layout, runner.dtype)
         for lid in range(1, 5):
             lora.acquire(lid)
         next_slot = [1]

@@ -61,7 +61,8 @@ class Scheduler:
         if self.runner.lora_buffers is not None:
             from radixserve.lora.manager import LoRAManager
 
-            self.lora = LoRAManager(args, cfg, self.runner.lora_buffers, self.runner.lora_layout, self.runner.dtype)
+            self.lora = LoRAManager(args, cfg.num_layers, self.runner.lora_buffers, self.runner.lora_layout,
+                                    self.runner.dtype)
         self.control: list[LoRAUpdateOutput] = []  # answers to adapter loads/unloads
         self._unloads: dict[int, list[str]] = {}  # adapter id → unload requests waiting for its requests
 

@@ -14,16 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from radixserve.config import ModelConfig
 from radixserve.lora.refs import TARGET_MODULES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-# The model's (fused) linear layers and the projections each one computes, in output order.
-LINEARS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
-           "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-LINEAR_OF = {t: name for name, targets in LINEARS.items() for t in targets}
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (an adapter name may sit before .weight)
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
@@ -43,17 +37,17 @@ class LinearLayout:
     pieces: tuple[tuple[str, int, int], ...]  # (target, first output column, width)
 
 
-def model_layout(cfg: ModelConfig, targets: tuple[str, ...]) -> dict[str, LinearLayout]:
-    """The linears that get LoRA buffers (those computing at least one target) and their pieces."""
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = {"qkv_proj": (cfg.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}),
-              "o_proj": (q, {"o_proj": cfg.hidden_size}),
-              "gate_up_proj": (cfg.hidden_size, {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}),
-              "down_proj": (cfg.intermediate_size, {"down_proj": cfg.hidden_size})}
+def model_layout(projections: dict[str, tuple[int, tuple[tuple[str, int], ...]]],
+                 targets: tuple[str, ...]) -> dict[str, LinearLayout]:
+    """The linears that get LoRA buffers (those computing at least one target) and their pieces.
+
+    projections: the model's (possibly fused) linears that adapters may target, by their name in a
+    decoder layer: {name: (in_features, ((projection, output width), ...) in output order)}, as the model
+    describes them (model.llama.lora_projections)."""
     layout = {}
-    for name, (in_features, outs) in shapes.items():
+    for name, (in_features, outs) in projections.items():
         pieces, offset = [], 0
-        for target, width in outs.items():
+        for target, width in outs:
             if target in targets:
                 pieces.append((target, offset, width))
             offset += width
@@ -177,9 +171,15 @@ class LoRAAdapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
-def load_adapter(path: str, cfg: ModelConfig, layout: dict[str, LinearLayout], max_rank: int,
+def linear_of(layout: dict[str, LinearLayout]) -> dict[str, str]:
+    """projection (q_proj, ...) → the name of the linear computing it, for the layout's targets."""
+    return {target: name for name, lin in layout.items() for target, _, _ in lin.pieces}
+
+
+def load_adapter(path: str, num_layers: int, layout: dict[str, LinearLayout], max_rank: int,
                  dtype: torch.dtype) -> LoRAAdapter:
-    """Read and validate a PEFT adapter folder for this base model and these buffers."""
+    """Read and validate a PEFT adapter folder for this base model (num_layers decoder layers) and these
+    buffers."""
     acfg = read_adapter_config(path)
     rank = acfg["r"]
     if rank > max_rank:
@@ -193,17 +193,18 @@ def load_adapter(path: str, cfg: ModelConfig, layout: dict[str, LinearLayout], m
         if m is None:
             raise _unsupported_key(path, key)
         layer, target, which = int(m.group(1)), m.group(2), m.group(3)
-        if target not in LINEAR_OF:
+        if target not in TARGET_MODULES:
             raise LoRAError(f"LoRA adapter {path!r} targets {target}, which is not supported "
                             f"(supported: {', '.join(TARGET_MODULES)})")
-        if layer >= cfg.num_layers:
+        if layer >= num_layers:
             raise LoRAError(f"LoRA adapter {path!r} has weights for layer {layer}, but the base model has "
-                            f"{cfg.num_layers} layers (an adapter for another base model?)")
+                            f"{num_layers} layers (an adapter for another base model?)")
         pairs.setdefault((layer, target), {})[which] = tensor
     if not pairs:
         raise LoRAError(f"LoRA adapter {path!r} has no LoRA weights")
     targets = sorted({t for _, t in pairs}, key=TARGET_MODULES.index)
-    allowed = {t for lay in layout.values() for t, _, _ in lay.pieces}
+    owner = linear_of(layout)
+    allowed = set(owner)
     outside = [t for t in targets if t not in allowed]
     if outside:
         raise LoRAError(f"LoRA adapter {path!r} targets {', '.join(outside)}, outside --lora-target-modules "
@@ -215,7 +216,7 @@ def load_adapter(path: str, cfg: ModelConfig, layout: dict[str, LinearLayout], m
         if set(ab) != {"A", "B"}:
             raise LoRAError(f"LoRA adapter {path!r}: {where} has lora_{'A' if 'A' in ab else 'B'} without "
                             f"lora_{'B' if 'A' in ab else 'A'}")
-        lin_name = LINEAR_OF[target]
+        lin_name = owner[target]
         lin = layout[lin_name]
         p, (_, col, width) = next((i, pc) for i, pc in enumerate(lin.pieces) if pc[0] == target)
         a, b = ab["A"], ab["B"]

@@ -1,5 +1,6 @@
-"""Stacked LoRA weights on the model's device: one slot per adapter of a batch, attached to the
-model's LoRA-aware linears. Slots are reassigned least-recently-used first (pinned adapters last)."""
+"""Stacked LoRA weights on the model's device: one slot per adapter of a batch, attached as hooks
+(lora.ops.LoRAHook) to the model's targeted linears. Slots are reassigned least-recently-used first
+(pinned adapters last)."""
 from __future__ import annotations
 
 import itertools
@@ -8,31 +9,32 @@ import torch
 from torch import nn
 
 from radixserve.lora.adapter import LinearLayout, LoRAAdapter
-from radixserve.model.layers import Linear
+from radixserve.lora.ops import LoRAHook
 
 
 class LoRABuffers:
     def __init__(self, model: nn.Module, layout: dict[str, LinearLayout], num_slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device, pack: bool = False):
-        """pack: see layers.Linear.attach_lora."""
+        """model: its model.layers[i].<name> for each linear name of the layout gets a hook, as its `lora`
+        attribute. pack: keep packed copies of the buffers (see LoRAHook)."""
         self.num_slots, self.max_rank = num_slots, max_rank
-        self.linears: dict[tuple[int, str], Linear] = {}
+        self.hooks: dict[tuple[int, str], LoRAHook] = {}
         for i, layer in enumerate(model.layers):
             for name, lay in layout.items():
-                linear: Linear = getattr(layer, name)
                 rows = max_rank * len(lay.pieces)
                 a = torch.zeros(num_slots, rows, lay.in_features, dtype=dtype, device=device)
                 b = torch.zeros(num_slots, rows, lay.out_features, dtype=dtype, device=device)
-                linear.attach_lora(a, b, len(lay.pieces), name, pack)
-                self.linears[(i, name)] = linear
+                hook = LoRAHook(name, a, b, len(lay.pieces), pack)
+                getattr(layer, name).lora = hook
+                self.hooks[(i, name)] = hook
         self.slot_of: dict[int, int] = {}  # adapter id → slot
         self._owner: list[int | None] = [None] * num_slots
         self._last_use = [0] * num_slots
         self._clock = itertools.count(1)
 
     def nbytes(self) -> int:
-        """The stacked weights (their packed copies count among the linears' copies())."""
-        return sum(t.numel() * t.element_size() for lin in self.linears.values() for t in (lin.lora_a, lin.lora_b))
+        """The stacked weights and their packed copies."""
+        return sum(t.numel() * t.element_size() for hook in self.hooks.values() for t in hook.tensors())
 
     def assign(self, adapters: dict[int, LoRAAdapter], pinned: set[int]) -> dict[int, int]:
         """Slots for this step's adapters (at most num_slots), copying in those not already there."""
@@ -67,8 +69,8 @@ class LoRABuffers:
 
     @torch.no_grad()
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
-        for key, linear in self.linears.items():
-            a, b, w = linear.lora_a, linear.lora_b, adapter.weights.get(key)
+        for key, hook in self.hooks.items():
+            a, b, w = hook.a, hook.b, adapter.weights.get(key)
             if w is None:
                 a[slot].zero_()
                 b[slot].zero_()
@@ -79,7 +81,7 @@ class LoRABuffers:
                 a[slot, rows:].zero_()
                 b[slot, :rows].copy_(w[1], non_blocking=True)
                 b[slot, rows:].zero_()
-            linear.repack_lora()
+            hook.repack()
 
 
 def lora_shape(args, initial_configs: list[tuple[str, dict]]) -> tuple[int, tuple[str, ...]]:

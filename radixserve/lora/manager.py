@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from radixserve.config import ModelConfig, ServerArgs
-from radixserve.lora.adapter import LINEAR_OF, LinearLayout, LoRAAdapter, LoRAError, load_adapter
+from radixserve.config import ServerArgs
+from radixserve.lora.adapter import LinearLayout, LoRAAdapter, LoRAError, linear_of, load_adapter
 from radixserve.lora.buffers import LoRABuffers
 from radixserve.lora.refs import LoRANotFoundError, parse_lora_paths
 
@@ -33,9 +33,11 @@ class _Entry:
 
 
 class LoRAManager:
-    def __init__(self, args: ServerArgs, cfg: ModelConfig, buffers: LoRABuffers, layout: dict[str, LinearLayout],
+    def __init__(self, args: ServerArgs, num_layers: int, buffers: LoRABuffers, layout: dict[str, LinearLayout],
                  dtype: torch.dtype):
-        self.cfg, self.buffers, self.layout, self.dtype = cfg, buffers, layout, dtype
+        """num_layers: the base model's decoder layers (an adapter's weights must fall within them)."""
+        self.num_layers, self.buffers, self.layout, self.dtype = num_layers, buffers, layout, dtype
+        self._linear_of = linear_of(layout)
         self.max_rank = buffers.max_rank
         self.max_per_batch = args.max_loras_per_batch
         self.max_loaded = args.max_loaded_loras
@@ -57,7 +59,7 @@ class LoRAManager:
         start = time.perf_counter()
         adapter = self._read(path)
         lid = next(self._ids)
-        linears = frozenset(LINEAR_OF[t] for t in adapter.targets)
+        linears = frozenset(self._linear_of[t] for t in adapter.targets)
         self.entries[lid] = _Entry(lid, name, path, pinned, adapter.rank, linears, adapter, last_use=next(self._clock))
         self.by_name[name] = lid
         logger.info("loaded LoRA adapter %r from %s (rank %d, %s) in %.2fs", name, path, adapter.rank,
@@ -66,7 +68,7 @@ class LoRAManager:
         return lid
 
     def _read(self, path: str) -> LoRAAdapter:
-        return load_adapter(path, self.cfg, self.layout, self.max_rank, self.dtype)
+        return load_adapter(path, self.num_layers, self.layout, self.max_rank, self.dtype)
 
     def _live(self) -> list[_Entry]:
         return [self.entries[i] for i in self.by_name.values()]
@@ -111,7 +113,8 @@ class LoRAManager:
             except LoRAError as e:
                 raise LoRAError(f"LoRA adapter {entry.name!r} could not be reloaded: {e}") from None
             # The folder may have changed since it was first loaded.
-            entry.rank, entry.linears = entry.adapter.rank, frozenset(LINEAR_OF[t] for t in entry.adapter.targets)
+            entry.rank = entry.adapter.rank
+            entry.linears = frozenset(self._linear_of[t] for t in entry.adapter.targets)
             logger.info("reloaded LoRA adapter %r", entry.name)
         entry.refs += 1
         entry.last_use = next(self._clock)

@@ -1,10 +1,12 @@
 """Batched LoRA application: one forward pass for tokens of the base model and of several adapters.
 
 The step's tokens are laid out base first, then each adapter's tokens contiguously in buffer-slot order
-(engine/batch.py sorts them), so every adapter's tokens form one segment. On CPUs, each LoRA-aware
-linear hands the step to the C++ kernel (radixserve/kernels/lora.cpp), which adds every adapter token's own
-delta B·A·x in one call, tokens of one adapter sharing each read of its weights; measured against the
-torch paths (benchmarks/lora_kernels.py, RESULTS.md), it is faster for decodes and prefills alike.
+(engine/batch.py sorts them), so every adapter's tokens form one segment. Each targeted linear of the
+model carries a LoRAHook (attached by lora/buffers.py), which it calls after its own matmul in steps
+with adapter tokens; the hook picks the path. On CPUs, it hands the step to the C++ kernel
+(radixserve/kernels/lora.cpp), which adds every adapter token's own delta B·A·x in one call, tokens of
+one adapter sharing each read of its weights; measured against the torch paths
+(benchmarks/lora_kernels.py, RESULTS.md), it is faster for decodes and prefills alike.
 Elsewhere (or without a compiler) the delta takes a few tensor ops, in one of two ways chosen per step:
 
 - grouped (larger steps over several slots): two segmented matmuls over the stacked per-slot weights,
@@ -15,8 +17,8 @@ Elsewhere (or without a compiler) the delta takes a few tensor ops, in one of tw
   keeps each token's own slot:
       y[start:] += (x[start:] · [A_0; ...; A_n]ᵀ * mask) · [B_0; ...; B_n]
   Being plain matmuls, they run through oneDNN-packed copies of the stacked weights like the base
-  weights do (layers.Linear.repack_lora). Their extra work grows with adapter tokens × slots, so
-  larger steps take the grouped path.
+  weights do where those are packed (LoRAHook.repack). Their extra work grows with adapter tokens ×
+  slots, so larger steps take the grouped path.
 
 Base tokens are never touched, and a step without adapter tokens skips LoRA entirely.
 """
@@ -29,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from radixserve.kernels.matmul import linear
+from radixserve.kernels.matmul import linear, pack_weight
 
 # The stacked path computes every adapter token against every slot (tokens × slots rows of LoRA work)
 # where the grouped path computes each adapter token once but pays a fixed cost per adapter (two small
@@ -115,10 +117,49 @@ def add_lora_stacked(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lor
     """Stacked path: y[T, out] += the LoRA delta of x[T, in] for the adapter tokens of the step (in place).
 
     lora_a: [slots, rows, in], lora_b: [slots, rows, out]; a_packed / b_packed: their packed copies as
-    linear weights, [slots * rows, in] and [out, slots * rows] (matmul.pack_weight), or None."""
+    linear weights, [slots * rows, in] and [out, slots * rows] (kernels.matmul.pack_weight), or None."""
     rows = lora_a.shape[1]
     h = linear(x[batch.start:], lora_a.flatten(0, 1), None, a_packed) * batch.mask(rows, x.dtype)
     y[batch.start:] += linear(h, lora_b.flatten(0, 1).T, None, b_packed)
+
+
+class LoRAHook:
+    """One linear's share of the stacked adapter buffers, attached to it as `linear.lora` and called by it
+    as hook(y, x, batch) after its own matmul in steps with adapter tokens: adds their deltas to y (in
+    place, returning it) by the kernel, the stacked or the grouped path (see the module docstring).
+
+    a [slots, R * pieces, in] and b [slots, R * pieces, out] hold every slot's weights, rows rank-major
+    (see add_lora); with pack, also their oneDNN-packed copies for the stacked path's matmuls, as linear
+    weights [slots * R * pieces, in] and [out, slots * R * pieces] (where the base weights are packed;
+    not needed where the LoRA kernel takes every adapter step)."""
+
+    def __init__(self, name: str, a: torch.Tensor, b: torch.Tensor, pieces: int, pack: bool = False):
+        self.name = name  # qkv_proj, o_proj, ...: skipped in steps whose adapters do not target it
+        self.a, self.b, self.pieces, self.pack = a, b, pieces, pack
+        self.a_packed: torch.Tensor | None = None
+        self.b_packed: torch.Tensor | None = None
+        self.repack()
+
+    def repack(self) -> None:
+        """Refresh the packed copies after slots were written."""
+        if self.pack:
+            self.a_packed = pack_weight(self.a.flatten(0, 1))
+            self.b_packed = pack_weight(self.b.flatten(0, 1).T)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The stacked weights and their packed copies (for memory accounting)."""
+        return [t for t in (self.a, self.b, self.a_packed, self.b_packed) if t is not None]
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+        if batch.linears is not None and self.name not in batch.linears:
+            return y
+        if batch.kernel is not None:
+            batch.kernel(y, x.contiguous(), self.a, self.b, batch.token_slots, batch.start, batch.rank * self.pieces)
+        elif batch.stacked:
+            add_lora_stacked(y, x, self.a, self.b, batch, self.a_packed, self.b_packed)
+        else:
+            add_lora(y, x, self.a, self.b, self.pieces, batch)
+        return y
 
 
 @functools.cache

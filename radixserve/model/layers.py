@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from radixserve.lora.ops import LoRABatch, add_lora, add_lora_stacked
-from radixserve.kernels.matmul import pack_weight
 from radixserve.model.formats import DENSE, WeightMethod
 
 
@@ -73,8 +72,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Linear(nn.Linear):
     """A linear layer, possibly several fused along the output (q|k|v, gate|up: `splits`). It holds the
     weight and bias and leaves the matmul to its weight method (model/formats: dense by default, packed or
-    int4 as set at load time); its output gets the LoRA deltas of the step's adapters once stacked adapter
-    buffers are attached (radixserve/lora).
+    int4 as set at load time). A LoRA hook (`lora`, attached by radixserve/lora) adds the deltas of a
+    step's adapters to the output: called as lora(y, x, lora_batch) in steps with adapter tokens.
 
     A tensor-parallel linear is meant to compose with the methods rather than multiply them: it would
     shard the weight (by output columns or input rows), give its shard a method, and gather or reduce
@@ -84,43 +83,15 @@ class Linear(nn.Linear):
         self.splits = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         super().__init__(in_features, sum(self.splits), bias=bias)
         self.method: WeightMethod = DENSE
-        # Attached by lora.buffers.LoRABuffers (see lora/ops.py): every slot's stacked adapter weights,
-        # lora_a [slots, R * pieces, in] and lora_b [slots, R * pieces, out], and, when asked to, packed
-        # copies of both (as linear weights [slots * R * pieces, in] and [out, ...]).
-        self.lora_a: torch.Tensor | None = None
-        self.lora_b: torch.Tensor | None = None
-        self.lora_a_packed: torch.Tensor | None = None
-        self.lora_b_packed: torch.Tensor | None = None
-        self.lora_pieces = 0
-        self.lora_name = ""  # qkv_proj, o_proj, ...: skipped in steps whose adapters do not target it
-        self.lora_pack = False
+        self.lora: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None
 
     def copies(self) -> list[torch.Tensor]:
-        """The weight's copies made for speed (its method's), and the adapter buffers' packed ones."""
-        return self.method.copies() + [t for t in (self.lora_a_packed, self.lora_b_packed) if t is not None]
+        """The weight's copies made for speed by its method (packed layout, int4)."""
+        return self.method.copies()
 
-    def attach_lora(self, a: torch.Tensor, b: torch.Tensor, pieces: int, name: str, pack: bool = False) -> None:
-        """pack: keep packed copies for the stacked path's matmuls (where the base weight is packed too);
-        not needed where the LoRA kernel (radixserve/kernels) takes every adapter step."""
-        self.lora_a, self.lora_b, self.lora_pieces, self.lora_name = a, b, pieces, name
-        self.lora_pack = pack
-        self.repack_lora()
-
-    def repack_lora(self) -> None:
-        """Refresh the packed copies of the adapter buffers after their slots were written."""
-        if self.lora_pack:
-            self.lora_a_packed = pack_weight(self.lora_a.flatten(0, 1))
-            self.lora_b_packed = pack_weight(self.lora_b.flatten(0, 1).T)
-
-    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora_batch: Any = None) -> torch.Tensor:
+        """lora_batch: where the step's adapter tokens are (lora.ops.LoRABatch); None when it has none."""
         y = self.method.apply(x, self.weight, self.bias)
-        if lora is None or self.lora_a is None or (lora.linears is not None and self.lora_name not in lora.linears):
-            return y
-        if lora.kernel is not None:
-            lora.kernel(y, x.contiguous(), self.lora_a, self.lora_b, lora.token_slots, lora.start,
-                        lora.rank * self.lora_pieces)
-        elif lora.stacked:
-            add_lora_stacked(y, x, self.lora_a, self.lora_b, lora, self.lora_a_packed, self.lora_b_packed)
-        else:
-            add_lora(y, x, self.lora_a, self.lora_b, self.lora_pieces, lora)
+        if self.lora is not None and lora_batch is not None:
+            y = self.lora(y, x, lora_batch)
         return y

@@ -1,7 +1,7 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with QKV bias, Qwen3 with q/k norm) over a paged KV pool."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -10,9 +10,22 @@ from torch import nn
 from radixserve.config import ModelConfig
 from radixserve.model.attention import AttentionMetadata, paged_attention
 from radixserve.model.formats import DENSE, Int4, Packed, WeightMethod
-from radixserve.lora.ops import LoRABatch
 from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
 from radixserve.model.weights import Target, fused, load_checkpoint
+
+if TYPE_CHECKING:
+    from radixserve.lora.ops import LoRABatch
+
+
+def lora_projections(cfg: ModelConfig) -> dict[str, tuple[int, tuple[tuple[str, int], ...]]]:
+    """The linears of a DecoderLayer that LoRA adapters may target, by attribute name: (in_features,
+    ((HF projection, output width), ...) in the fused output's order) (see lora.adapter.model_layout)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"qkv_proj": (cfg.hidden_size, (("q_proj", q), ("k_proj", kv), ("v_proj", kv))),
+            "o_proj": (q, (("o_proj", cfg.hidden_size),)),
+            "gate_up_proj": (cfg.hidden_size, (("gate_proj", cfg.intermediate_size),
+                                               ("up_proj", cfg.intermediate_size))),
+            "down_proj": (cfg.intermediate_size, (("down_proj", cfg.hidden_size),))}
 
 
 class DecoderLayer(nn.Module):

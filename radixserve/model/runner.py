@@ -5,19 +5,22 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from radixserve import kernels
 from radixserve.cache.kv_pool import KVPool
 from radixserve.config import ModelConfig, ServerArgs
-from radixserve.lora.ops import LoRABatch
-from radixserve import kernels
+from radixserve.kernels.matmul import can_pack
 from radixserve.model.attention import AttentionMetadata
 from radixserve.model.layers import RotaryEmbedding
-from radixserve.kernels.matmul import can_pack
-from radixserve.model.llama import LlamaForCausalLM
+from radixserve.model.llama import LlamaForCausalLM, lora_projections
 from radixserve.model.loader import embedding_kind, is_gguf, iter_q4_weights, iter_weights, load_model_config
 from radixserve.model.pooling import EmbeddingSpec, check_matryoshka, read_embedding_spec
+
+if TYPE_CHECKING:
+    from radixserve.lora.ops import LoRABatch
 
 logger = logging.getLogger(__name__)
 
@@ -129,14 +132,15 @@ class ModelRunner:
         return model.eval().requires_grad_(False)
 
     def _lora_buffers(self, args: ServerArgs):
-        """Stacked adapter weights for --max-loras-per-batch adapters, attached to the model's linears."""
+        """Stacked adapter weights for --max-loras-per-batch adapters, attached to the model's linears as
+        LoRA hooks."""
         from radixserve.lora.adapter import model_layout, read_adapter_config
         from radixserve.lora.buffers import LoRABuffers, lora_shape
         from radixserve.lora.refs import parse_lora_paths
 
         initial = [(r.path, read_adapter_config(r.path)) for r in parse_lora_paths(args.lora_paths)]
         rank, targets = lora_shape(args, initial)
-        layout = model_layout(self.config, targets)
+        layout = model_layout(lora_projections(self.config), targets)
         self.lora_kernel = kernels.lora_add() if self.device.type == "cpu" else None
         # The stacked path's matmuls go through packed copies where the base weights are packed.
         buffers = LoRABuffers(self.model, layout, args.max_loras_per_batch, rank, self.dtype, self.device,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import radixserve.model.layers as layers_mod
+import radixserve.lora.ops as lora_ops
 from radixserve.managers.messages import GenerateReq, LoadLoRAReq, UnloadLoRAReq
 from sched_util import ComputeLog, Counter, check_idle, drive, greedy, rand_ids, solo
 
@@ -61,8 +61,8 @@ def test_mixed_batch_same_tokens_as_alone(lora_sched, monkeypatch):
 
 def test_base_only_steps_skip_lora(lora_sched, monkeypatch):
     """With adapters loaded but none used in a step, the LoRA path is not entered at all."""
-    grouped = Counter(monkeypatch, layers_mod, "add_lora")
-    stacked = Counter(monkeypatch, layers_mod, "add_lora_stacked")
+    grouped = Counter(monkeypatch, lora_ops, "add_lora")
+    stacked = Counter(monkeypatch, lora_ops, "add_lora_stacked")
     s = lora_sched()
     kernel = Counter(monkeypatch, s.runner, "lora_kernel") if s.runner.lora_kernel is not None else None
     paths = [grouped, stacked] + ([kernel] if kernel else [])

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from radixserve.lora.adapter import LoRAError, load_adapter, model_layout, read_adapter_config
 from radixserve.lora.refs import TARGET_MODULES, LoRARef, parse_lora_paths, parse_target_modules
+from radixserve.model.llama import lora_projections
 from radixserve.model.loader import load_model_config
 
 
@@ -23,7 +24,7 @@ def cfg(tiny_llama):
 
 
 def load(path, cfg, targets=TARGET_MODULES, max_rank=16):
-    return load_adapter(path, cfg, model_layout(cfg, targets), max_rank, torch.float32)
+    return load_adapter(path, cfg.num_layers, model_layout(lora_projections(cfg), targets), max_rank, torch.float32)
 
 
 def edited(tmp_path, src: str, config: dict | None = None, weights=None, name: str = "edited") -> str:

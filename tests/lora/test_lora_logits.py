@@ -36,7 +36,7 @@ class LoRARun:
         g = torch.Generator().manual_seed(123)  # noise in the pool: wrong reads must show
         for cache in (self.runner.kv.k, self.runner.kv.v):
             cache[:, :, 1:] = torch.randn(cache[:, :, 1:].shape, generator=g) * 5
-        self.lora = LoRAManager(args, self.runner.config, self.runner.lora_buffers, self.runner.lora_layout,
+        self.lora = LoRAManager(args, self.runner.config.num_layers, self.runner.lora_buffers, self.runner.lora_layout,
                                 self.runner.dtype)
         self.free = iter(torch.randperm(POOL, generator=torch.Generator().manual_seed(7)).add(1).tolist())
 

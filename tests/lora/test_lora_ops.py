@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import radixserve.lora.ops as ops
+from radixserve.kernels.matmul import can_pack
 from radixserve.lora.buffers import LoRABuffers
-from radixserve.lora.ops import LoRABatch, add_lora
+from radixserve.lora.ops import LoRABatch, LoRAHook, add_lora
 from radixserve.model.formats import Packed
 from radixserve.model.layers import Linear
-from radixserve.kernels.matmul import can_pack
 
 SLOTS, MAX_RANK, PIECES, IN, OUT = 5, 8, 3, 32, 48
 
@@ -78,8 +78,8 @@ def test_bfloat16_close():
 
 
 def lora_linear(bias: bool, dtype=torch.float32, packed: bool = False) -> Linear:
-    """A fused 3-piece Linear with random base weights and random stacked adapter buffers attached the
-    way LoRABuffers attaches them."""
+    """A fused 3-piece Linear with random base weights and a hook over random stacked adapter buffers,
+    attached the way LoRABuffers attaches them."""
     g = torch.Generator().manual_seed(4)
     lin = Linear(IN, (16, 16, 16), bias=bias).to(dtype)
     with torch.no_grad():
@@ -88,7 +88,7 @@ def lora_linear(bias: bool, dtype=torch.float32, packed: bool = False) -> Linear
             lin.bias.copy_(torch.randn(OUT, generator=g))
     if packed:
         lin.method = Packed(lin.weight)
-    lin.attach_lora(*buffers(dtype), PIECES, "qkv_proj", pack=packed)
+    lin.lora = LoRAHook("qkv_proj", *buffers(dtype), PIECES, pack=packed)
     return lin
 
 
@@ -100,7 +100,7 @@ def test_stacked_and_grouped_paths_match_reference(bias, counts):
     token_slots = [None] * counts[0] + [s for s in range(SLOTS) for _ in range(counts[s + 1])]
     with torch.no_grad():
         base = torch.nn.functional.linear(x, lin.weight, lin.bias)
-        ref = reference(base, x, lin.lora_a, lin.lora_b, token_slots, MAX_RANK)
+        ref = reference(base, x, lin.lora.a, lin.lora.b, token_slots, MAX_RANK)
         batch = LoRABatch.build(counts, MAX_RANK, torch.device("cpu"))
         assert batch.stacked
         stacked = lin(x, batch)
@@ -112,23 +112,37 @@ def test_stacked_and_grouped_paths_match_reference(bias, counts):
     assert torch.equal(plain, base)
 
 
-@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="oneDNN does not pack bfloat16 on this CPU")
+def test_hook_runs_only_in_steps_whose_adapters_target_its_linear():
+    lin = lora_linear(True)
+    x = torch.randn(4, IN, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        base = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        other = LoRABatch.build([1, 3, 0, 0, 0, 0], MAX_RANK, torch.device("cpu"), frozenset({"o_proj"}))
+        assert torch.equal(lin(x, other), base)
+        own = LoRABatch.build([1, 3, 0, 0, 0, 0], MAX_RANK, torch.device("cpu"), frozenset({"qkv_proj"}))
+        assert not torch.equal(lin(x, own), base)
+        lin.lora = None  # a linear without a hook ignores the step's adapters
+        assert torch.equal(lin(x, own), base)
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
+                    reason="oneDNN does not pack bfloat16 on this CPU")
 def test_packed_stacked_path_follows_slot_writes():
     """The packed copies give the plain path's result, and follow a slot rewritten after packing."""
     lin, plain = lora_linear(True, torch.bfloat16, packed=True), lora_linear(True, torch.bfloat16)
-    assert lin.lora_a_packed is not None and plain.lora_a_packed is None
+    assert lin.lora.a_packed is not None and plain.lora.a_packed is None
     counts = [2, 1, 0, 3, 0, 1]
     x = torch.randn(sum(counts), IN, generator=torch.Generator().manual_seed(6)).bfloat16()
     for rewrite in (False, True):
         if rewrite:
             for m in (lin, plain):
-                m.lora_b[2].mul_(-3)
-                m.repack_lora()
+                m.lora.b[2].mul_(-3)
+                m.lora.repack()
         batch = LoRABatch.build(counts, MAX_RANK, torch.device("cpu"))
         with torch.no_grad():
             assert torch.allclose(lin(x, batch).float(), plain(x, batch).float(), rtol=1e-2, atol=0.05)
             ref = reference(torch.nn.functional.linear(x, lin.weight, lin.bias).float(), x.float(),
-                            lin.lora_a.float(), lin.lora_b.float(), [None] * 2 + [0, 2, 2, 2, 4], MAX_RANK)
+                            lin.lora.a.float(), lin.lora.b.float(), [None] * 2 + [0, 2, 2, 2, 4], MAX_RANK)
             assert (lin(x, batch).double() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
@@ -158,7 +172,7 @@ def test_buffer_slots_lowest_free_then_lru_unpinned_first():
         w = (torch.full((rank, 8), float(lid)), torch.full((rank, 8), float(-lid)))
         return LoRAAdapter(f"/a{lid}", rank, 1.0, ("o_proj",), {(0, "o_proj"): w})
 
-    a, b = layer.o_proj.lora_a, layer.o_proj.lora_b
+    a, b = layer.o_proj.lora.a, layer.o_proj.lora.b
     assert bufs.assign({1: adapter(1), 2: adapter(2)}, set()) == {1: 0, 2: 1}
     assert torch.equal(a[1, :2], torch.full((2, 8), 2.0)) and not a[1, 2:].any()  # rows past its rank: zero
     bufs.release(1)
