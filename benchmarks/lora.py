@@ -24,7 +24,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def write_adapter(path: str, cfg, rank: int, seed: int) -> str:
-    """A PEFT LoRA folder for a model of this ModelConfig with random weights (lora_B non-zero)."""
+    """A PEFT LoRA folder for a model of this LlamaConfig with random weights (lora_B non-zero)."""
     from safetensors.torch import save_file
 
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim

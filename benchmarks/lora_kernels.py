@@ -125,6 +125,7 @@ def main() -> None:
     from radixserve.engine.request import Request
     from radixserve.lora import ops
     from radixserve.lora.manager import LoRAManager
+    from radixserve.lora.refs import parse_lora_paths
     from radixserve.model.runner import ModelRunner
     from radixserve.sampling.params import SamplingParams
 
@@ -145,7 +146,8 @@ def main() -> None:
         print(f"{os.path.basename(path)}, {runner.dtype}, {torch.get_num_threads()} threads, rank {args.rank}, "
               f"all projections")
         linear_level(cfg, runner.dtype, args.rank)
-        lora = LoRAManager(sargs, runner.config.num_layers, runner.lora_buffers, runner.lora_layout, runner.dtype)
+        lora = LoRAManager(runner.config.num_layers, runner.lora_buffers, runner.lora_layout, runner.dtype,
+                           sargs.max_loras_per_batch, sargs.max_loaded_loras, parse_lora_paths(sargs.lora_paths))
         for lid in range(1, 5):
             lora.acquire(lid)
         next_slot = [1]

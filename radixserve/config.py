@@ -1,4 +1,5 @@
-"""ServerArgs (every flag, in one dataclass) and ModelConfig (what the model runner needs to know)."""
+"""ServerArgs: every option of the server and the offline Engine, in one dataclass (the CLI is generated
+from it), and where the default models are installed."""
 from __future__ import annotations
 
 import dataclasses
@@ -153,58 +154,3 @@ class ServerArgs:
         if unknown:
             raise TypeError(f"unknown server argument(s): {', '.join(unknown)}")
         return cls(**kwargs)
-
-
-@dataclass
-class ModelConfig:
-    """Shape of a Llama-family decoder, read from an HF config.json or GGUF metadata."""
-
-    architecture: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2
-    qk_norm: bool = False  # Qwen3
-    rope_scaling: dict | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
-
-    @classmethod
-    def from_hf(cls, cfg: dict, eos_token_ids: list[int] | None = None) -> "ModelConfig":
-        arch = (cfg.get("architectures") or [cfg.get("model_type", "llama")])[0]
-        model_type = cfg.get("model_type", "llama")
-        if model_type not in ("llama", "qwen2", "qwen3", "mistral"):
-            raise ValueError(f"unsupported model type {model_type!r} (supported: llama, mistral, qwen2, qwen3)")
-        heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id") if eos_token_ids is None else eos_token_ids
-        # transformers >= 5 writes theta and scaling together under rope_parameters.
-        rope_params = cfg.get("rope_parameters") or {}
-        rope_theta = cfg.get("rope_theta") or rope_params.get("rope_theta", 10000.0)
-        rope_scaling = cfg.get("rope_scaling") or {k: v for k, v in rope_params.items() if k != "rope_theta"}
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in ("default", None):
-            rope_scaling = None
-        return cls(
-            architecture=arch,
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
-            qk_norm=model_type == "qwen3",
-            rope_scaling=rope_scaling,
-            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-        )

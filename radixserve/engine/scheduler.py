@@ -60,9 +60,11 @@ class Scheduler:
         self.lora = None
         if self.runner.lora_buffers is not None:
             from radixserve.lora.manager import LoRAManager
+            from radixserve.lora.refs import parse_lora_paths
 
-            self.lora = LoRAManager(args, cfg.num_layers, self.runner.lora_buffers, self.runner.lora_layout,
-                                    self.runner.dtype)
+            self.lora = LoRAManager(cfg.num_layers, self.runner.lora_buffers, self.runner.lora_layout,
+                                    self.runner.dtype, args.max_loras_per_batch, args.max_loaded_loras,
+                                    parse_lora_paths(args.lora_paths))
         self.control: list[LoRAUpdateOutput] = []  # answers to adapter loads/unloads
         self._unloads: dict[int, list[str]] = {}  # adapter id → unload requests waiting for its requests
 

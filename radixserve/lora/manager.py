@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from radixserve.config import ServerArgs
 from radixserve.lora.adapter import LinearLayout, LoRAAdapter, LoRAError, linear_of, load_adapter
 from radixserve.lora.buffers import LoRABuffers
-from radixserve.lora.refs import LoRANotFoundError, parse_lora_paths
+from radixserve.lora.refs import LoRANotFoundError, LoRARef
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +32,19 @@ class _Entry:
 
 
 class LoRAManager:
-    def __init__(self, args: ServerArgs, num_layers: int, buffers: LoRABuffers, layout: dict[str, LinearLayout],
-                 dtype: torch.dtype):
-        """num_layers: the base model's decoder layers (an adapter's weights must fall within them)."""
+    def __init__(self, num_layers: int, buffers: LoRABuffers, layout: dict[str, LinearLayout], dtype: torch.dtype,
+                 max_per_batch: int, max_loaded: int | None = None, initial: list[LoRARef] = ()):
+        """num_layers: the base model's decoder layers (an adapter's weights must fall within them);
+        max_per_batch / max_loaded: --max-loras-per-batch / --max-loaded-loras; initial: --lora-paths."""
         self.num_layers, self.buffers, self.layout, self.dtype = num_layers, buffers, layout, dtype
         self._linear_of = linear_of(layout)
         self.max_rank = buffers.max_rank
-        self.max_per_batch = args.max_loras_per_batch
-        self.max_loaded = args.max_loaded_loras
+        self.max_per_batch, self.max_loaded = max_per_batch, max_loaded
         self.entries: dict[int, _Entry] = {}  # every adapter still registered or waiting to unload
         self.by_name: dict[str, int] = {}  # the adapters requests may use
         self._ids = itertools.count(1)  # never reused: an id also names the adapter's prefix cache
         self._clock = itertools.count(1)
-        for ref in parse_lora_paths(args.lora_paths):
+        for ref in initial:
             self.load(ref.name, ref.path, ref.pinned)
 
     # ---- registry

@@ -1,5 +1,6 @@
-"""The whole contract between the API process and the engine process: typed msgspec messages over ZMQ
-(and `sampling/params.py`, torch-free, which they carry). Nothing else crosses between the processes.
+"""The whole contract between the API process and the engine process: typed msgspec messages over ZMQ,
+and what they carry, both torch-free: `sampling/params.py`'s SamplingParams and `config.py`'s ServerArgs
+(as a dict in EngineStart). Nothing else crosses between the processes.
 
 Start-up: the launcher writes `EngineStart` (JSON) to the engine's stdin; the engine answers on the
 ready socket with `EngineReady` (its `EngineInfo`) or `EngineFailed`. Then `EngineInput` messages flow

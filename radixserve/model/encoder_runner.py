@@ -8,8 +8,8 @@ import time
 import torch
 
 from radixserve.config import ServerArgs
-from radixserve.model.bert import BertConfig, BertModel, EncoderInput
-from radixserve.model.loader import iter_weights, read_hf_config
+from radixserve.model.bert import BertModel, EncoderInput
+from radixserve.model.loader import iter_weights, load_architecture
 from radixserve.model.pooling import EmbeddingSpec, check_matryoshka, finish, pool, read_embedding_spec
 from radixserve.model.runner import resolve_device, resolve_dtype
 
@@ -22,7 +22,7 @@ class EncoderRunner:
             torch.set_num_threads(args.num_threads)
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
-        self.config = BertConfig.from_hf(read_hf_config(args.model_path))
+        self.architecture, self.config = load_architecture(args.model_path)
         cfg = self.config
         # A raw BertModel folder (no sentence-transformers config) embeds with its [CLS] state, normalised.
         self.spec: EmbeddingSpec = read_embedding_spec(args.model_path, default_pooling="cls")
@@ -45,7 +45,7 @@ class EncoderRunner:
 
     def _load(self, path: str) -> BertModel:
         with torch.device("meta"):
-            model = BertModel(self.config)
+            model = self.architecture.model(self.config)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_weights((name, w.to(self.device)) for name, w in iter_weights(path, self.dtype))
         return model.eval().requires_grad_(False)

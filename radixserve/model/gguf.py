@@ -9,9 +9,8 @@ import torch
 from gguf import GGUFReader, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from radixserve.model.registry import gguf_architecture
 from radixserve.model_files import gguf_field
-
-SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # Per-layer tensor names: GGUF suffix → HF suffix.
 _LAYER_NAMES = {
@@ -47,15 +46,14 @@ SUPPORTED_TYPES = {
 def read_config(reader: GGUFReader) -> dict:
     """The model's hyper-parameters as an HF config.json would state them."""
     arch = gguf_field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    name = gguf_architecture(arch).name
     names = {t.name for t in reader.tensors}
     heads = gguf_field(reader, f"{arch}.attention.head_count")
     hidden = gguf_field(reader, f"{arch}.embedding_length")
     vocab = gguf_field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
     cfg = {
-        "architectures": [SUPPORTED_ARCHS[arch]],
+        "architectures": [name],
         "model_type": arch,
         "hidden_size": hidden,
         "num_hidden_layers": gguf_field(reader, f"{arch}.block_count"),

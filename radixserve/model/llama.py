@@ -1,13 +1,13 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with QKV bias, Qwen3 with q/k norm) over a paged KV pool."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixserve.config import ModelConfig
 from radixserve.model.attention import AttentionMetadata, paged_attention
 from radixserve.model.formats import DENSE, Int4, Packed, WeightMethod
 from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
@@ -17,7 +17,61 @@ if TYPE_CHECKING:
     from radixserve.lora.ops import LoRABatch
 
 
-def lora_projections(cfg: ModelConfig) -> dict[str, tuple[int, tuple[tuple[str, int], ...]]]:
+@dataclass
+class LlamaConfig:
+    """Shape of a Llama-family decoder, read from an HF config.json or GGUF metadata."""
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3
+    rope_scaling: dict | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_hf(cls, cfg: dict, eos_token_ids: list[int] | None = None) -> "LlamaConfig":
+        """From an HF config.json (or GGUF metadata in its names); eos_token_ids: generation_config.json's."""
+        arch = (cfg.get("architectures") or [cfg.get("model_type", "llama")])[0]
+        model_type = cfg.get("model_type", "llama")  # the registry checked it is one this class serves
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id") if eos_token_ids is None else eos_token_ids
+        # transformers >= 5 writes theta and scaling together under rope_parameters.
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_theta = cfg.get("rope_theta") or rope_params.get("rope_theta", 10000.0)
+        rope_scaling = cfg.get("rope_scaling") or {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in ("default", None):
+            rope_scaling = None
+        return cls(
+            architecture=arch,
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            qk_norm=model_type == "qwen3",
+            rope_scaling=rope_scaling,
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        )
+
+
+def lora_projections(cfg: LlamaConfig) -> dict[str, tuple[int, tuple[tuple[str, int], ...]]]:
     """The linears of a DecoderLayer that LoRA adapters may target, by attribute name: (in_features,
     ((HF projection, output width), ...) in the fused output's order) (see lora.adapter.model_layout)."""
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -29,7 +83,7 @@ def lora_projections(cfg: ModelConfig) -> dict[str, tuple[int, tuple[tuple[str, 
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -66,7 +120,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
-from radixserve.config import ModelConfig
 from radixserve.model import gguf as gguf_file
+from radixserve.model.registry import Architecture, lookup
 from radixserve.model_files import check_exists, gguf_reader, is_gguf
 
 
@@ -32,24 +32,27 @@ def _generation_eos(path: str) -> list[int] | None:
     return None if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-ENCODER_MODEL_TYPES = ("bert",)
-
-
 def embedding_kind(path: str, is_embedding: bool) -> str | None:
-    """None for a generation model; "encoder" for a BERT-family folder (always an embedding model);
-    "decoder" for a Llama-family model served for embeddings (--is-embedding, or a folder with a
-    sentence-transformers modules.json, as gte-Qwen2 / Qwen3-Embedding ship)."""
-    cfg = read_hf_config(path)
-    archs = cfg.get("architectures") or []
-    if cfg.get("model_type") in ENCODER_MODEL_TYPES or any(a.startswith("Bert") for a in archs):
+    """None for a generation model; "encoder" for an encoder such as BERT (always an embedding model);
+    "decoder" for a decoder served for embeddings (--is-embedding, or a folder with a
+    sentence-transformers modules.json, as gte-Qwen2 / Qwen3-Embedding ship). ValueError for an
+    architecture the registry does not serve."""
+    if lookup(read_hf_config(path)).encoder:
         return "encoder"
     if is_embedding or (not is_gguf(path) and os.path.isfile(os.path.join(path, "modules.json"))):
         return "decoder"
     return None
 
 
-def load_model_config(path: str) -> ModelConfig:
-    return ModelConfig.from_hf(read_hf_config(path), _generation_eos(path))
+def load_architecture(path: str) -> tuple[Architecture, Any]:
+    """The registry's entry for the checkpoint and its parsed config."""
+    cfg = read_hf_config(path)
+    arch = lookup(cfg)
+    return arch, arch.parse_config(cfg, _generation_eos(path))
+
+
+def load_model_config(path: str) -> Any:
+    return load_architecture(path)[1]
 
 
 def iter_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from radixserve import kernels
 from radixserve.cache.kv_pool import KVPool
-from radixserve.config import ModelConfig, ServerArgs
+from radixserve.config import ServerArgs
 from radixserve.kernels.matmul import can_pack
 from radixserve.model.attention import AttentionMetadata
 from radixserve.model.layers import RotaryEmbedding
-from radixserve.model.llama import LlamaForCausalLM, lora_projections
-from radixserve.model.loader import embedding_kind, is_gguf, iter_q4_weights, iter_weights, load_model_config
+from radixserve.model.loader import embedding_kind, is_gguf, iter_q4_weights, iter_weights, load_architecture
 from radixserve.model.pooling import EmbeddingSpec, check_matryoshka, read_embedding_spec
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class ModelRunner:
             torch.set_num_threads(args.num_threads)
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
-        self.config: ModelConfig = load_model_config(args.model_path)
+        self.architecture, self.config = load_architecture(args.model_path)
         cfg = self.config
         # Served for embeddings (--is-embedding or a sentence-transformers folder): the final hidden
         # state of each text's last token, normalised (gte-Qwen2 / Qwen3-Embedding convention).
@@ -114,10 +114,10 @@ class ModelRunner:
         logger.info("KV pool: %d tokens", num_slots)
         self.decode_kernel = kernels.decode_attention() if self.device.type == "cpu" else None
 
-    def _load(self, path: str) -> LlamaForCausalLM:
+    def _load(self, path: str) -> nn.Module:
         cfg = self.config
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
+            model = self.architecture.model(cfg)
         model = model.to_empty(device=self.device).to(self.dtype)
         # Buffers computed at construction were lost on the meta device: rebuild them on the real one.
         model.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
@@ -140,7 +140,7 @@ class ModelRunner:
 
         initial = [(r.path, read_adapter_config(r.path)) for r in parse_lora_paths(args.lora_paths)]
         rank, targets = lora_shape(args, initial)
-        layout = model_layout(lora_projections(self.config), targets)
+        layout = model_layout(self.architecture.lora_projections(self.config), targets)
         self.lora_kernel = kernels.lora_add() if self.device.type == "cpu" else None
         # The stacked path's matmuls go through packed copies where the base weights are packed.
         buffers = LoRABuffers(self.model, layout, args.max_loras_per_batch, rank, self.dtype, self.device,

@@ -17,6 +17,7 @@ from radixserve.engine.batch import build_batch
 from radixserve.engine.request import Request
 from radixserve.lora import ops
 from radixserve.lora.manager import LoRAManager
+from radixserve.lora.refs import parse_lora_paths
 from radixserve.model.runner import ModelInput, ModelRunner
 from radixserve.sampling.params import SamplingParams
 
@@ -36,8 +37,9 @@ class LoRARun:
         g = torch.Generator().manual_seed(123)  # noise in the pool: wrong reads must show
         for cache in (self.runner.kv.k, self.runner.kv.v):
             cache[:, :, 1:] = torch.randn(cache[:, :, 1:].shape, generator=g) * 5
-        self.lora = LoRAManager(args, self.runner.config.num_layers, self.runner.lora_buffers, self.runner.lora_layout,
-                                self.runner.dtype)
+        self.lora = LoRAManager(self.runner.config.num_layers, self.runner.lora_buffers, self.runner.lora_layout,
+                                self.runner.dtype, args.max_loras_per_batch, args.max_loaded_loras,
+                                parse_lora_paths(args.lora_paths))
         self.free = iter(torch.randperm(POOL, generator=torch.Generator().manual_seed(7)).add(1).tolist())
 
     def request(self, prompt: torch.Tensor, adapter: str | None) -> Request:
