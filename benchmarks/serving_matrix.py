@@ -159,7 +159,11 @@ def main() -> None:
     with open(f"{ns.out}.json", "w") as f:
         args = {k: v for k, v in vars(ns).items() if k != "peer_tools"}
         json.dump({"args": args, "bound_tok_s": BOUND_TOK_S, "results": results}, f, indent=2)
-    plot(results, f"{ns.out}.png")
+    try:
+        plot(results, f"{ns.out}.png")
+    except ImportError:  # matplotlib is not one of the project's dependencies
+        print(f"wrote {ns.out}.json (no plot: `pip install matplotlib` for {ns.out}.png)")
+        return
     print(f"wrote {ns.out}.json and {ns.out}.png")
 
 

@@ -12,6 +12,7 @@ import typing
 from radixserve.bench.run import add_bench_args, bench as run_bench
 from radixserve.config import ServerArgs
 from radixserve.lora.refs import LoRANotFoundError
+from radixserve.managers.launch import EngineStartError
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     try:
         ns.func(ns)
-    except (ValueError, FileNotFoundError, LoRANotFoundError) as e:
+    except (ValueError, FileNotFoundError, LoRANotFoundError, EngineStartError) as e:
         sys.exit(f"error: {e}")
 
 

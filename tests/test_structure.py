@@ -120,3 +120,15 @@ def test_processes_share_only_the_contract():
                "radixserve.managers.messages", "radixserve.sampling", "radixserve.sampling.params",
                "radixserve.lora", "radixserve.lora.refs", "radixserve.constrained", "radixserve.constrained.schema"}
     assert shared <= allowed, sorted(shared - allowed)
+
+
+def test_both_schedulers_implement_the_engine_interface():
+    from radixserve.engine.encoder_scheduler import EncoderScheduler
+    from radixserve.engine.process import EngineScheduler
+    from radixserve.engine.scheduler import Scheduler
+
+    members = [name for name in vars(EngineScheduler) if not name.startswith("_")]
+    assert "step" in members and "take_control" in members
+    for cls in (Scheduler, EncoderScheduler):
+        missing = [name for name in members if not callable(getattr(cls, name, None))]
+        assert not missing, f"{cls.__name__} lacks {missing}"
