@@ -63,10 +63,22 @@ def _serve(ns: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # uvicorn re-raises the signal it handled once it has shut down; a graceful stop is a success.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    # uvicorn stops accepting on SIGTERM/SIGINT, lets in-flight requests finish, then the app's
-    # lifespan stops the engine process.
-    uvicorn.run(create_app(args), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=30, access_log=False)  # --log-requests logs richer lines
+    fatal: list[str] = []
+
+    def give_up(reason: str) -> None:
+        # The engine cannot start, or keeps dying: exit non-zero, so that a process supervisor (systemd,
+        # Kubernetes) sees a failure instead of a server that answers 503 forever.
+        fatal.append(reason)
+        server.should_exit = True
+
+    # uvicorn stops accepting on SIGTERM/SIGINT (or give_up), lets in-flight requests finish, then the
+    # app's lifespan stops the engine process.
+    server = uvicorn.Server(uvicorn.Config(create_app(args, on_fatal=give_up), host=args.host, port=args.port,
+                                           log_level=args.log_level, timeout_graceful_shutdown=30,
+                                           access_log=False))  # --log-requests logs richer lines
+    server.run()
+    if fatal:
+        sys.exit(f"error: {fatal[0]}")
 
 
 def main(argv: list[str] | None = None) -> None:

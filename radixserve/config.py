@@ -60,6 +60,19 @@ class ServerArgs:
     host: str = _flag("127.0.0.1", "address to listen on")
     port: int = _flag(30000, "port to listen on")
     api_key: str | None = _flag(None, "require `Authorization: Bearer <key>` on every route but /health and /metrics")
+    admin_api_key: str | None = _flag(
+        None, "require this key (Bearer) on the admin routes (/flush_cache, /load_lora_adapter, /unload_lora_adapter), "
+              "where --api-key is then not enough; it also passes wherever --api-key is asked")
+    allowed_origins: list[str] | None = _flag(
+        None, "origins whose web pages may call the API (CORS), e.g. https://app.example.com, or * for any; "
+              "default: none")
+    max_body_bytes: int = _flag(32 * 1024 * 1024, "request bodies larger than this are refused (413)")
+    max_prompt_tokens: int | None = _flag(None, "prompt tokens per request at most (400 beyond); default: the "
+                                                "context length")
+    max_output_tokens: int | None = _flag(None, "tokens a request may generate at most (400 when max_tokens asks "
+                                                "for more); default: what the context leaves")
+    engine_restart_limit: int = _flag(3, "times a dead engine is started again in a row (after 1, 2, 4... s) "
+                                         "before the server gives up and exits; 0: exit at once")
     dtype: str = _flag("auto", "weights and activations; auto = bfloat16 where the CPU/GPU supports it, else float32",
                        ("auto", "float32", "bfloat16", "float16"))
     device: str = _flag("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
@@ -83,6 +96,12 @@ class ServerArgs:
     int4_decode_tokens: int = _flag(4, "steps of at most this many tokens multiply a GGUF's Q4_0/Q4_1 projection "
                                        "weights in int4, from the file's own values (CPU); 0: never")
     enable_lora: bool = _flag(False, "serve LoRA adapters per request (implied by --lora-paths)")
+    enable_lora_runtime_loading: bool = _flag(
+        False, "let clients load adapters from folders on this machine at run time (/load_lora_adapter, a "
+               "request's lora_path); without it only --lora-paths adapters are served")
+    lora_allowed_dirs: list[str] | None = _flag(
+        None, "let clients load adapters at run time, from folders under these only (implies "
+              "--enable-lora-runtime-loading)")
     lora_paths: list[str] | None = _flag(
         None, "LoRA adapters (PEFT folders) to load at start: PATH, NAME=PATH or JSON "
               '{"lora_name": ..., "lora_path": ..., "pinned": ...}')
@@ -124,6 +143,12 @@ class ServerArgs:
             if not dims or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dims):
                 raise ValueError(f"matryoshka_dimensions must be a non-empty list of positive integers, got {dims!r}")
             self.matryoshka_dimensions = sorted(set(dims))
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_output_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.engine_restart_limit < 0:
+            raise ValueError(f"engine_restart_limit must be >= 0, got {self.engine_restart_limit}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
         self._check_lora()
@@ -132,7 +157,10 @@ class ServerArgs:
         from radixserve.lora.refs import parse_lora_paths, parse_target_modules
 
         refs = parse_lora_paths(self.lora_paths)  # raises on malformed items
-        if refs:
+        if self.lora_allowed_dirs:
+            self.lora_allowed_dirs = [os.path.realpath(d) for d in self.lora_allowed_dirs]
+            self.enable_lora_runtime_loading = True
+        if refs or self.enable_lora_runtime_loading:
             self.enable_lora = True
         parse_target_modules(self.lora_target_modules)
         if self.max_loras_per_batch < 1:

@@ -12,6 +12,21 @@ class ModelFileError(ValueError):
     """A model path that cannot be served: the message names the file and the problem."""
 
 
+# What the engine serves: model/registry.py's ARCHITECTURES keys, and those with known GGUF names (a test
+# keeps them equal). Here without torch, so that a checkpoint it cannot serve is refused before the
+# engine process starts.
+MODEL_TYPES = ("bert", "llama", "mistral", "qwen2", "qwen3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+def model_type(cfg: dict) -> str:
+    """An HF config's model type (older BERT configs name only their architecture)."""
+    kind = cfg.get("model_type")
+    if kind is None and any(isinstance(a, str) and a.startswith("Bert") for a in cfg.get("architectures") or []):
+        return "bert"
+    return kind or "llama"
+
+
 def is_gguf(path: str) -> bool:
     return os.path.isfile(path) and path.endswith(".gguf")
 
@@ -47,12 +62,15 @@ def gguf_field(reader, key: str, default: Any = None) -> Any:
 
 def check_model_files(path: str) -> None:
     """Raise FileNotFoundError / ModelFileError unless path is a readable GGUF file or a model folder with
-    a config.json and weights; what its architecture is, the engine checks when it loads."""
+    a config.json and weights, of an architecture the engine serves."""
     check_exists(path)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ModelFileError(f"{path} is a file but not a GGUF file (.gguf): give a .gguf file or a model folder")
-        gguf_reader(path)
+        arch = gguf_field(gguf_reader(path), "general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ModelFileError(f"{path}: unsupported GGUF architecture {arch!r} (supported: "
+                                 f"{', '.join(GGUF_ARCHITECTURES)})")
         return
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
@@ -64,6 +82,9 @@ def check_model_files(path: str) -> None:
         raise ModelFileError(f"{config} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ModelFileError(f"{config} is not a JSON object")
+    if model_type(cfg) not in MODEL_TYPES:
+        raise ModelFileError(f"{config}: unsupported model type {model_type(cfg)!r} (supported: "
+                             f"{', '.join(MODEL_TYPES)})")
     if not any(name.endswith(".safetensors") for name in os.listdir(path)):
         raise ModelFileError(f"{path} has no *.safetensors weights")
 

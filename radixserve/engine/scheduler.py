@@ -131,7 +131,7 @@ class Scheduler:
             try:
                 req.matcher = self.grammar.matcher(req.grammar.result())
             except Exception as e:  # noqa: BLE001 - an invalid spec (a 400 for its request), or a backend fault
-                logger.info("output constraint of %s refused: %s", req.rid, e)
+                logger.debug("output constraint of %s refused: %s", req.rid, e)  # the error names request content
                 req.finish_reason = "error"
                 error = str(e) if isinstance(e, ValueError) else f"the output constraint failed to compile: {e}"
                 self._finish(req, TokenOutput(req.rid, error=error, prompt_tokens=len(req.prompt_ids)))

@@ -39,7 +39,9 @@ class Engine:
         self.tokenizer = self.tokenizer_manager.tokenizer
 
     async def _create(self) -> TokenizerManager:
-        return TokenizerManager(self.args, EngineProcess(self.args))
+        tm = TokenizerManager(self.args, EngineProcess(self.args))
+        tm.watch()
+        return tm
 
     async def _submit(self, ids: list[int], params: SamplingParams, lora: str | None = None):
         tm = self.tokenizer_manager

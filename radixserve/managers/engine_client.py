@@ -107,7 +107,9 @@ class EngineClient:
             await asyncio.gather(self._recv_task, return_exceptions=True)
 
     def close(self) -> None:
-        """Stop the engine process and close the sockets."""
+        """Stop the engine process and close the sockets (also of a client whose engine died)."""
         self.engine.stop()
         self._send.close(0)
         self._recv.close(0)
+        self._zmq.term()
+        self._azmq.term()

@@ -31,6 +31,33 @@ class EngineStartError(RuntimeError):
     """The engine process failed to start (the message says why, with its last lines when it died)."""
 
 
+class RestartBudget:
+    """How often a dead engine is started again: up to `limit` times in a row, after 1, 2, 4 ... 30 s.
+    An engine that then runs for HEALTHY_AFTER_S earns the whole budget back, so that a rare crash
+    never uses it up while a crash loop does."""
+
+    HEALTHY_AFTER_S = 600.0
+    MAX_DELAY_S = 30.0
+
+    def __init__(self, limit: int):
+        self.limit, self.failures = limit, 0
+        self._started = time.monotonic()
+
+    def started(self) -> None:
+        self._started = time.monotonic()
+
+    def died(self) -> None:
+        if time.monotonic() - self._started >= self.HEALTHY_AFTER_S:
+            self.failures = 0
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait before the next try; None when the budget is spent."""
+        if self.failures >= self.limit:
+            return None
+        self.failures += 1
+        return min(2.0 ** (self.failures - 1), self.MAX_DELAY_S)
+
+
 class EngineProcess:
     """A running engine process: where to talk to it, whether it is alive, how to stop it."""
 

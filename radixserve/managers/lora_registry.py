@@ -3,6 +3,7 @@ and the control calls that load and unload adapters (the engine owns the weights
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 
@@ -10,6 +11,8 @@ from radixserve.config import ServerArgs
 from radixserve.lora.refs import LoRANotFoundError
 from radixserve.managers.engine_client import EngineClient
 from radixserve.managers.messages import LoadLoRAReq, LoRAAdapterInfo, LoRAUpdateOutput, UnloadLoRAReq
+
+logger = logging.getLogger(__name__)
 
 
 class LoRARegistry:
@@ -40,18 +43,23 @@ class LoRARegistry:
         if not self.enabled:
             raise ValueError("LoRA adapters are not enabled on this server (start it with --enable-lora)")
 
-    async def resolve(self, name_or_path: str | None) -> int:
-        """The id of a loaded adapter given by name or by path; a path not loaded yet is loaded (named
-        after the path). 0 for None / "" (the base model). Raises LoRANotFoundError."""
+    def find(self, name_or_path: str) -> int | None:
+        """The id of the loaded adapter with this name or loaded from this path, if any."""
+        if name_or_path in self.adapters:
+            return self.adapters[name_or_path].id
+        return next((a.id for a in self.adapters.values()
+                     if os.path.abspath(a.path) == os.path.abspath(name_or_path)), None)
+
+    async def resolve(self, name_or_path: str | None, load_folders: bool = True) -> int:
+        """The id of a loaded adapter given by name or by path; with load_folders, a folder not loaded yet
+        is loaded (named after its path). 0 for None / "" (the base model). Raises LoRANotFoundError."""
         if not name_or_path:
             return 0
         self._require_enabled()
-        if name_or_path in self.adapters:
-            return self.adapters[name_or_path].id
-        for a in self.adapters.values():
-            if os.path.abspath(a.path) == os.path.abspath(name_or_path):
-                return a.id
-        if not os.path.isdir(name_or_path):
+        found = self.find(name_or_path)
+        if found is not None:
+            return found
+        if not load_folders or not os.path.isdir(name_or_path):
             raise LoRANotFoundError(f"LoRA adapter {name_or_path!r} is not loaded; loaded: {self.names()}")
         load = self._path_loads.get(name_or_path)
         if load is None:  # concurrent requests for one new path load it once
@@ -76,7 +84,9 @@ class LoRARegistry:
 
     async def unload(self, name: str) -> dict[str, str]:
         """Unload an adapter once its running requests have finished (new ones are refused at once)."""
-        self._require_enabled()
+        if not self.enabled:
+            raise LoRANotFoundError(f"LoRA adapter {name!r} is not loaded (this server has no LoRA adapters; "
+                                    f"start it with --enable-lora)")
         if name not in self.adapters:
             raise LoRANotFoundError(f"LoRA adapter {name!r} is not loaded; loaded: {self.names()}")
         del self.adapters[name]
@@ -88,6 +98,18 @@ class LoRARegistry:
         if not reply.success:
             raise (LoRANotFoundError if reply.not_found else ValueError)(reply.message)
         return self.loaded()
+
+    async def reattach(self, client: EngineClient, loaded: list[LoRAAdapterInfo]) -> None:
+        """Talk to a new engine (the last one died): it loaded the --lora-paths adapters (`loaded`); the
+        adapters loaded at run time are loaded into it again, under the same names."""
+        at_start = {a.name for a in loaded}
+        runtime = [a for a in self.adapters.values() if a.name not in at_start]
+        self.client, self.adapters = client, {a.name: a for a in loaded}
+        for a in runtime:
+            try:
+                await self.load(a.name, a.path, a.pinned)
+            except Exception as e:  # noqa: BLE001 - the others still load; requests naming it get 404
+                logger.error("LoRA adapter %r could not be loaded again from %s: %s", a.name, a.path, e)
 
     async def _control(self, msg: LoadLoRAReq | UnloadLoRAReq) -> LoRAUpdateOutput:
         reply = await self.client.control(msg)

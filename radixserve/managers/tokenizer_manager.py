@@ -1,5 +1,6 @@
 """Tokenization and admission for the API process: turns requests into engine messages (sent through the
-EngineClient) and the engine's per-step token batches into detokenized per-request streams."""
+EngineClient) and the engine's per-step token batches into detokenized per-request streams. When the engine
+process dies, its requests fail with EngineDeadError and a new engine is started (--engine-restart-limit)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,17 +9,17 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from radixserve.config import ServerArgs
 from radixserve.managers.detokenizer import IncrementalDetokenizer
 from radixserve.managers.engine_client import EngineClient, EngineDeadError
-from radixserve.managers.launch import EngineProcess
+from radixserve.managers.launch import EngineProcess, RestartBudget
 from radixserve.managers.lora_registry import LoRARegistry
-from radixserve.managers.messages import (AbortReq, EmbedBatch, EmbedReq, FlushCacheReq, GenerateReq, Stats, StatsReq,
-                                          TokenOutput)
+from radixserve.managers.messages import (AbortReq, EmbedBatch, EmbedReq, EngineInfo, FlushCacheReq, GenerateReq, Stats,
+                                          StatsReq, TokenOutput)
 from radixserve.model_files import load_tokenizer
-from radixserve.sampling.params import SamplingParams
+from radixserve.sampling.params import SamplingParams, sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,12 @@ class TokenizerManager:
         self._embeds: dict[str, _EmbedState] = {}
         self.num_active = 0  # sequences submitted and not yet released
         self.metrics = None  # an object with on_token/on_finish (the server's Prometheus metrics)
+        self.on_fatal: Callable[[str], None] | None = None  # told once the engine is dead for good
+        self.failure: str | None = None  # why, once it is
+        self._budget = RestartBudget(args.engine_restart_limit)
+        self._restart_task: asyncio.Task | None = None
+        self._starting: EngineProcess | None = None  # an engine being started again
+        self._closing = False
 
     @property
     def dead(self) -> bool:
@@ -131,6 +138,19 @@ class TokenizerManager:
 
     def alive(self) -> bool:
         return self.client.alive()
+
+    def watch(self) -> None:
+        """Start receiving the engine's outputs, which is also how its death is noticed (then a new
+        engine is started). Called on the event loop, once the tokenizer manager exists."""
+        self.client.ensure_receiving()
+
+    def down_reason(self) -> str:
+        """Why requests cannot be served now (while not alive())."""
+        if self.failure is not None:
+            return self.failure
+        if self._restart_task is not None and not self._restart_task.done():
+            return "the engine process died and is being restarted; retry shortly"
+        return "the engine process is not running"
 
     # ---- requests
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -162,6 +182,13 @@ class TokenizerManager:
                              f"{sorted(set(matryoshka) | {size})}")
         return dimensions
 
+    def check_token_ids(self, ids: list[int], what: str = "token ids") -> None:
+        """ValueError unless every id is a token of the vocabulary (checked before anything decodes them)."""
+        vocab = self.info.vocab_size
+        bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise ValueError(f"{what}: {bad!r} is not a token id of this model (ids are in [0, {vocab}))")
+
     def _admit(self, n: int, what: str) -> None:
         """Raise unless n more sequences fit --max-running-requests + --max-queued-requests."""
         self.client.check_alive()
@@ -179,6 +206,8 @@ class TokenizerManager:
         """Admit a request (or raise OverloadedError at once) and send its params.n sequences to the engine.
         lora_id: from LoRARegistry.resolve (0: the base model). An output constraint is checked by the
         engine: an invalid one is the request's first (and only) item, a ValueError."""
+        self.check_token_ids(input_ids, "prompt")
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         self.lora.check_loaded(lora_id)
         self._admit(params.n, f"n={params.n}")
         self.client.ensure_receiving()
@@ -188,8 +217,7 @@ class TokenizerManager:
         if any(sub in self._seqs for sub in handle.sub_rids):
             raise ValueError(f"request id {rid!r} is already in use")
         for i, sub in enumerate(handle.sub_rids):
-            seed = None if params.seed is None else params.seed + i
-            sub_params = dataclasses.replace(params, n=1, seed=seed)
+            sub_params = dataclasses.replace(params, n=1, seed=sample_seed(params.seed, i))
             self._seqs[sub] = _SeqState(i, handle.queue, IncrementalDetokenizer(
                 self.tokenizer, input_ids, skip_special_tokens=params.skip_special_tokens,
                 spaces_between_special_tokens=params.spaces_between_special_tokens, stop=params.stop))
@@ -202,6 +230,8 @@ class TokenizerManager:
         """Embed token sequences, in order. Each is one engine request (the engine batches them with
         everyone else's), sent in one message; admitted all together or not at all. Cancelling aborts
         the unfinished ones."""
+        for ids in inputs:
+            self.check_token_ids(ids, "input")
         self._admit(len(inputs), f"{len(inputs)} inputs")
         self.client.ensure_receiving()
         loop = asyncio.get_running_loop()
@@ -304,8 +334,61 @@ class TokenizerManager:
         for emb in self._embeds.values():
             if not emb.future.done():
                 emb.future.set_exception(err)
+        self._restart_task = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        """Start a new engine after the last one died, within the restart budget; requests get 503 (from
+        the dead client) meanwhile. The tokenizer and the requests' state stay; adapters loaded at run
+        time are loaded into the new engine."""
+        self._budget.died()
+        while (delay := self._budget.next_delay()) is not None:
+            logger.warning("starting the engine again in %.0f s (try %d of %d)", delay, self._budget.failures,
+                           self._budget.limit)
+            await asyncio.sleep(delay)
+            try:
+                started = await asyncio.to_thread(self._start_engine)
+            except Exception as e:  # noqa: BLE001 - one more try, if the budget allows
+                logger.error("the engine failed to start again: %s", e)
+                continue
+            if started is None:  # shutting down
+                return
+            engine, info = started
+            dead, self.client = self.client, EngineClient(engine, self._on_outputs, self._on_death)
+            dead.close()
+            self.watch()
+            self.info = info
+            self._budget.started()
+            await self.lora.reattach(self.client, info.loras)
+            logger.warning("the engine is serving again")
+            return
+        self.failure = (f"the engine process died and was started again {self._budget.limit} times in a row "
+                        f"(--engine-restart-limit); giving up")
+        logger.error(self.failure)
+        if self.on_fatal is not None:
+            self.on_fatal(self.failure)
+
+    def _start_engine(self) -> tuple[EngineProcess, EngineInfo] | None:
+        """(In a worker thread.) A new engine process and its info once ready; None if the server began
+        to shut down meanwhile (the engine is then stopped here, never left behind)."""
+        engine = EngineProcess(self.args)
+        self._starting = engine
+        try:
+            info = engine.wait_ready()
+        finally:
+            self._starting = None
+        if self._closing:
+            engine.stop()
+            return None
+        return engine, info
 
     async def stop_receiving(self) -> None:
+        self._closing = True
+        starting = self._starting
+        if starting is not None:  # its wait_ready (in the worker thread) sees it exit and cleans up
+            starting.proc.kill()
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            await asyncio.gather(self._restart_task, return_exceptions=True)
         await self.client.stop_receiving()
 
     def shutdown(self) -> None:

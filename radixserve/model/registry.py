@@ -14,6 +14,7 @@ from torch import nn
 
 from radixserve.model.bert import BertConfig, BertModel
 from radixserve.model.llama import LlamaConfig, LlamaForCausalLM, lora_projections
+from radixserve.model_files import model_type
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": _llama("Qwen3ForCausalLM"),
     "bert": Architecture("BertModel", BertModel, lambda cfg, eos=None: BertConfig.from_hf(cfg), encoder=True),
 }
-
-
-def model_type(cfg: dict) -> str:
-    """The config's model type (older BERT configs name only their architecture)."""
-    kind = cfg.get("model_type")
-    if kind is None and any(a.startswith("Bert") for a in cfg.get("architectures") or []):
-        return "bert"
-    return kind or "llama"
 
 
 def lookup(cfg: dict) -> Architecture:

@@ -20,10 +20,23 @@ OPENAI_MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]; SGLang's native API ta
 PENALTY_RANGE = (-2.0, 2.0)  # frequency_penalty and presence_penalty
 MAX_REPETITION_PENALTY = 2.0  # repetition_penalty is in (0, this]
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
+# Every integer crosses to the engine as msgpack and lands in int64 tensors (the sampler mixes seeds as
+# int64): a value outside this range is the client's error, never an overflow inside the server.
+INT64_RANGE = (-(2**63), 2**63 - 1)
+MAX_STOP = 64  # stop strings per request; each is searched for in the output after every token
+MAX_STOP_TOKEN_IDS = 1024
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An int (not a bool) that fits int64."""
+    return isinstance(v, int) and not isinstance(v, bool) and INT64_RANGE[0] <= v <= INT64_RANGE[1]
+
+
+def sample_seed(seed: int | None, i: int) -> int | None:
+    """The seed of the i-th of a request's n samples: seed + i, wrapped into int64."""
+    if seed is None:
+        return None
+    return (seed + i - INT64_RANGE[0]) % 2**64 + INT64_RANGE[0]
 
 
 def _is_real(v: Any) -> bool:
@@ -88,7 +101,7 @@ class SamplingParams:
                 raise bad(name, rule)
 
         if not _is_int(self.max_new_tokens):
-            raise bad("max_new_tokens", "an int")
+            raise bad("max_new_tokens", "an int in int64's range")
         if self.max_new_tokens < 0:
             raise bad("max_new_tokens", ">= 0")
         if not _is_real(self.temperature):
@@ -107,13 +120,17 @@ class SamplingParams:
         real_in("presence_penalty", *PENALTY_RANGE)
         real_in("repetition_penalty", 0.0, MAX_REPETITION_PENALTY, lo_open=True)
         if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "an int or None")
+            raise bad("seed", f"an int in [{INT64_RANGE[0]}, {INT64_RANGE[1]}] or None")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "a list of non-empty strings")
+        if len(self.stop) > MAX_STOP:
+            raise bad("stop", f"at most {MAX_STOP} strings")
         if not isinstance(self.stop_token_ids, list) or not all(
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
             raise bad("stop_token_ids", "a list of non-negative ints")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a bool")

@@ -75,14 +75,33 @@ class ServingContext:
             raise bad_request(f"model names the LoRA adapter {adapter!r} but lora_path names {lora_path!r}",
                               param="lora_path")
         name = adapter or lora_path
+        param = "model" if adapter else "lora_path"
         if name and not self.args.enable_lora:
             raise APIError(404, f"LoRA adapter {name!r} is not loaded (this server has no LoRA adapters; start "
-                                f"it with --enable-lora)", code="model_not_found",
-                           param="model" if adapter else "lora_path")
+                                f"it with --enable-lora)", code="model_not_found", param=param)
+        # A path (it has a separator) not loaded yet is a folder to load now, if the operator allows it; a
+        # bare name must be loaded already.
+        is_path = bool(name) and os.sep in name and self.tm.lora.find(name) is None
+        if is_path:
+            self.check_runtime_load(name, param)
         try:
-            return await self.tm.lora.resolve(name)
+            return await self.tm.lora.resolve(name, load_folders=is_path)
         except LoRANotFoundError as e:
-            raise APIError(404, str(e), code="model_not_found", param="model" if adapter else "lora_path") from None
+            raise APIError(404, str(e), code="model_not_found", param=param) from None
+
+    def check_runtime_load(self, path: str, param: str) -> None:
+        """403 unless clients may load adapters from this folder (--enable-lora-runtime-loading, within
+        --lora-allowed-dirs when given): a path from a client must not make the server read any folder."""
+        if not self.args.enable_lora_runtime_loading:
+            raise APIError(403, "loading LoRA adapters at run time is off on this server (the operator can start "
+                                "it with --enable-lora-runtime-loading or --lora-allowed-dirs DIR)",
+                           code="permission_denied", param=param)
+        allowed = self.args.lora_allowed_dirs
+        if allowed:
+            real = os.path.realpath(path)
+            if not any(os.path.commonpath([real, d]) == d for d in allowed):
+                raise APIError(403, f"{path!r} is outside the folders adapters may be loaded from "
+                                    f"(--lora-allowed-dirs)", code="permission_denied", param=param)
 
     def model_ids(self) -> list[tuple[str, str, str | None]]:
         """(id, root, parent) of the base model and of each loaded adapter."""
@@ -90,20 +109,37 @@ class ServingContext:
         return [(served, self.model_path, None)] + [
             (f"{served}:{name}", path, served) for name, path in sorted(self.tm.lora.loaded().items())]
 
-    def max_new_tokens(self, requested: int | None, prompt_len: int) -> int:
-        """A request's max_tokens, checked against the context length with its prompt; when it gives none,
-        --default-max-tokens (-1: until the context is full) within what the context leaves."""
-        ctx = self.tm.context_length
+    def check_prompt(self, prompt_len: int, param: str = "messages") -> None:
+        """400 when a prompt leaves no room in the context or exceeds --max-prompt-tokens."""
+        ctx, limit = self.tm.context_length, self.args.max_prompt_tokens
         if prompt_len >= ctx:
             raise bad_request(f"This model's maximum context length is {ctx} tokens; the prompt has "
-                              f"{prompt_len} tokens", param="messages")
+                              f"{prompt_len} tokens", param=param)
+        if limit is not None and prompt_len > limit:
+            raise bad_request(f"the prompt has {prompt_len} tokens; this server accepts at most {limit} "
+                              f"(--max-prompt-tokens)", param=param)
+
+    def check_output(self, requested: int, param: str) -> None:
+        limit = self.args.max_output_tokens
+        if limit is not None and requested > limit:
+            raise bad_request(f"{param} is {requested}; this server generates at most {limit} tokens per "
+                              f"request (--max-output-tokens)", param=param)
+
+    def max_new_tokens(self, requested: int | None, prompt_len: int, param: str = "max_tokens") -> int:
+        """A request's max_tokens, checked against the context length with its prompt and against
+        --max-output-tokens; when it gives none, --default-max-tokens (-1: until the context is full)
+        within what both leave."""
+        self.check_prompt(prompt_len)
+        ctx, limit = self.tm.context_length, self.args.max_output_tokens
         if requested is not None:
             if prompt_len + requested > ctx:
                 raise bad_request(f"This model's maximum context length is {ctx} tokens; {prompt_len} prompt tokens "
-                                  f"+ max_tokens {requested} exceed it", param="max_tokens")
+                                  f"+ {param} {requested} exceed it", param=param)
+            self.check_output(requested, param)
             return requested
         default = self.args.default_max_tokens
-        return ctx - prompt_len if default < 0 else min(default, ctx - prompt_len)
+        room = ctx - prompt_len if limit is None else min(ctx - prompt_len, limit)
+        return room if default < 0 else min(default, room)
 
     def usage(self, req: _Sampling, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,

@@ -25,15 +25,17 @@ def tokenize_inputs(ctx: ServingContext, inp) -> list[list[int]]:
         inputs = [inp]
     else:
         inputs = inp
-    limit, vocab = ctx.tm.context_length, ctx.tm.info.vocab_size
+    limit = min(ctx.tm.context_length, ctx.args.max_prompt_tokens or ctx.tm.context_length)
     single = isinstance(inp, str) or isinstance(inp[0], int)
     for i, ids in enumerate(inputs):
         which = "input" if single else f"input[{i}]"
         if len(ids) > limit:
             raise bad_request(f"{which} has {len(ids)} tokens, more than this model's maximum input length of "
                               f"{limit} tokens", param="input")
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise bad_request(f"{which}: token ids must be in [0, {vocab})", param="input")
+        try:
+            ctx.tm.check_token_ids(ids, which)
+        except ValueError as e:
+            raise bad_request(str(e), param="input") from None
     return inputs
 
 

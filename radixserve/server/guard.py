@@ -1,4 +1,4 @@
-"""ASGI middleware in front of every route: request id, API key, body size limit, last-resort 500.
+"""ASGI middleware in front of every route: request id, API keys, body size limit, last-resort 500.
 
 Pure ASGI rather than Starlette's BaseHTTPMiddleware: the body limit must count bytes as they arrive
 (chunked bodies have no Content-Length), and handlers must see the client's disconnect on `receive`.
@@ -16,9 +16,31 @@ logger = logging.getLogger(__name__)
 
 class Guard:
     def __init__(self, app, api_key: str | None, open_paths: set[str], max_body_bytes: int,
-                 log_requests: bool = False):
-        self.app, self.api_key, self.open_paths = app, api_key, open_paths
+                 admin_api_key: str | None = None, admin_paths: set[str] = frozenset(), log_requests: bool = False):
+        """Without keys every route is open. api_key guards every route but open_paths; admin_api_key
+        (when set) alone opens admin_paths, and passes wherever api_key does."""
+        self.app, self.open_paths, self.admin_paths = app, open_paths, admin_paths
+        self.api_key = api_key.encode() if api_key else None
+        self.admin_api_key = admin_api_key.encode() if admin_api_key else None
         self.max_body_bytes, self.log_requests = max_body_bytes, log_requests
+
+    def _key_error(self, path: str, headers: dict[str, str]) -> APIError | None:
+        if path in self.open_paths or not (self.api_key or self.admin_api_key):
+            return None
+        auth = headers.get("authorization", "")
+        key = (auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")).encode()
+        # compare_digest: the time taken says nothing about how much of a key was right.
+        is_admin = self.admin_api_key is not None and hmac.compare_digest(key, self.admin_api_key)
+        if is_admin:
+            return None
+        if path in self.admin_paths and self.admin_api_key is not None:
+            if self.api_key is not None and hmac.compare_digest(key, self.api_key):
+                return APIError(403, f"{path} needs the admin API key", code="permission_denied")
+            return APIError(401, "invalid or missing admin API key (Authorization: Bearer <key>)",
+                            code="invalid_api_key")
+        if self.api_key is None or hmac.compare_digest(key, self.api_key):
+            return None
+        return APIError(401, "invalid or missing API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -46,12 +68,9 @@ class Guard:
                 await send_with_id(message)
 
         path = scope["path"]
-        if self.api_key and path not in self.open_paths:
-            auth = headers.get("authorization", "")
-            key = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
-            if not hmac.compare_digest(key.encode(), self.api_key.encode()):
-                return await reply(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                            code="invalid_api_key"))
+        key_error = self._key_error(path, headers)
+        if key_error is not None:
+            return await reply(key_error)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
             return await reply(self._too_large())

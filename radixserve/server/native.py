@@ -47,8 +47,8 @@ async def create_generate(ctx: ServingContext, req: GenerateRequest) -> tuple[li
     if not prompts or not all(prompts):
         raise bad_request("the prompt is empty")
     for ids in prompts:
-        if len(ids) >= ctx.tm.context_length:
-            raise bad_request(f"the prompt has {len(ids)} tokens; the context length is {ctx.tm.context_length}")
+        ctx.check_prompt(len(ids), param="text" if req.text is not None else "input_ids")
+    ctx.check_output(params.max_new_tokens, "sampling_params.max_new_tokens")
     loras = req.lora_path if isinstance(req.lora_path, list) else [req.lora_path] * len(prompts)
     if len(loras) != len(prompts):
         raise bad_request(f"lora_path lists {len(loras)} adapters for {len(prompts)} prompts", param="lora_path")

@@ -4,12 +4,59 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_serializer, model_validator
 
-from radixserve.sampling.params import (MAX_N, MAX_REPETITION_PENALTY, MAX_TOP_LOGPROBS, OPENAI_MAX_TEMPERATURE,
-                                        PENALTY_RANGE, SamplingParams)
+from radixserve.sampling.params import (GRAMMAR_KINDS, MAX_N, MAX_REPETITION_PENALTY, MAX_STOP, MAX_STOP_TOKEN_IDS,
+                                        MAX_TOP_LOGPROBS, OPENAI_MAX_TEMPERATURE, PENALTY_RANGE, SamplingParams)
+
+# The request shapes' limits (the sampling limits are SamplingParams'). They bound what one request can
+# make the server do before the engine sees it; the body size (--max-body-bytes) bounds the rest.
+MAX_PROMPTS = 2048  # prompts (or embedding inputs) in one request, as OpenAI's embeddings API
+MAX_MESSAGES = 4096
+MAX_TOOLS = 128  # OpenAI's limit
+MAX_NAME_CHARS = 256  # model and adapter names, user ids, tool call ids
+MAX_PATH_CHARS = 4096
+MAX_GRAMMAR_CHARS = 65536  # regex / EBNF sources: compiled by the engine before the request runs
+MAX_TOKEN_ID = 2**31 - 1  # the schema's bound; the model's vocabulary is checked when the request arrives
+
+
+
+def _is_integer(v: Any) -> bool:
+    """An integer as JSON Schema counts them: 3 and 3.0, not true or "3"."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# Strict: JSON true/false and strings are not numbers (pydantic's lax mode would read true as 1 and "3"
+# as 3); 3.0 is the integer 3, as in JSON Schema. Every integer field has an upper bound: the engine's
+# messages and tensors hold int64.
+def integer(ge: int, le: int) -> Any:
+    """An integer field's type with its range (in the type, so that the schema states it)."""
+    return Annotated[int, Strict(), Field(ge=ge, le=le), BeforeValidator(_integral)]
+
+
+# Integers a request may give, beyond which JSON numbers lose precision in most clients and schema
+# validators (doubles); within the engine's int64.
+MAX_INT = 2**53 - 1
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Bool = Annotated[bool, Strict()]  # true or false only (lax mode would take "yes", 1, "off")
+# x-token-id: the published schema bounds these by the served model's vocabulary (server/openapi.py).
+TokenId = Annotated[int, Strict(), Field(ge=0, le=MAX_TOKEN_ID, json_schema_extra={"x-token-id": True}),
+                    BeforeValidator(_integral)]
+TopK = Literal[-1] | integer(1, MAX_INT)  # -1: off
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+
+
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+# A batch: strings, one prompt's token ids, or several prompts' token ids.
+Text = Annotated[str, Field(min_length=1)]  # a prompt or a stop string: never empty
+Prompts = Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | Annotated[
+    list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
 
 
 class _Request(BaseModel):
@@ -19,8 +66,8 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: Bool = False
+    continuous_usage_stats: Bool = False
 
 
 class JsonSchemaSpec(_Request):
@@ -28,7 +75,7 @@ class JsonSchemaSpec(_Request):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] | bool = Field(True, alias="schema")
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class ResponseFormat(_Request):
@@ -42,43 +89,66 @@ class ResponseFormat(_Request):
         return self
 
 
+def _given(name: str, value: dict | None = None) -> dict:
+    """JSON Schema: the request has `name`, not null (and matching `value` when given)."""
+    return {"required": [name], "properties": {name: value or {"not": {"type": "null"}}}}
+
+
+def _rules(*rules: dict) -> Callable[[dict], None]:
+    """The cross-field rules of a request (its validators enforce them) stated in its JSON schema too."""
+    def add(schema: dict) -> None:
+        schema["allOf"] = list(rules)
+    return add
+
+
+_CONSTRAINTS = [_given("response_format", {"type": "object", "required": ["type"],
+                                           "properties": {"type": {"enum": ["json_object", "json_schema"]}}}),
+                _given("regex"), _given("ebnf")]
+# stream_options only when streaming; at most one output constraint.
+_SAMPLING_RULES = (
+    {"if": _given("stream_options"), "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}},
+    *({"not": {"allOf": [a, b]}} for i, a in enumerate(_CONSTRAINTS) for b in _CONSTRAINTS[i + 1:]),
+)
+
+
 class _Sampling(_Request):
     """Parameters shared by chat and completions (OpenAI's, then SGLang/vLLM's extensions)."""
 
-    model: str
-    temperature: float | None = Field(None, ge=0, le=OPENAI_MAX_TEMPERATURE)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = None
-    min_p: float | None = Field(None, ge=0, le=1)
-    frequency_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
-    presence_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
-    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
-    max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    stream: bool = False
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(*_SAMPLING_RULES))
+
+    model: Name
+    temperature: Float | None = Field(None, ge=0, le=OPENAI_MAX_TEMPERATURE)
+    top_p: Float | None = Field(None, gt=0, le=1)
+    top_k: TopK | None = None
+    min_p: Float | None = Field(None, ge=0, le=1)
+    frequency_penalty: Float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    presence_penalty: Float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    repetition_penalty: Float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
+    max_tokens: integer(1, MAX_INT) | None = None
+    n: integer(1, MAX_N) = 1
+    stop: str | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    seed: integer(-MAX_INT, MAX_INT) | None = None
+    ignore_eos: Bool = False
+    skip_special_tokens: Bool = True
+    spaces_between_special_tokens: Bool = True
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    return_cached_tokens_details: bool = False
+    user: Name | None = None
+    return_cached_tokens_details: Bool = False
     # Output constraints: OpenAI's response_format, SGLang's regex and ebnf (at most one).
     response_format: ResponseFormat | None = None
-    regex: str | None = None
-    ebnf: str | None = None
-    lora_path: str | None = None  # a loaded LoRA adapter's name, or an adapter folder to load (SGLang)
+    regex: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
+    ebnf: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
+    # A loaded LoRA adapter's name, or an adapter folder to load (SGLang; needs --enable-lora-runtime-loading).
+    lora_path: str | None = Field(None, max_length=MAX_PATH_CHARS)
     # Accepted for compatibility with OpenAI clients; they do not change generation.
-    store: bool | None = None
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
+    store: Bool | None = None
+    metadata: dict[Name, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)  # OpenAI's limits
+    service_tier: Name | None = None
 
     @model_validator(mode="after")
     def _check_common(self):
-        if self.top_k is not None and self.top_k != -1 and self.top_k < 1:
-            raise ValueError("top_k must be -1 (disabled) or >= 1")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         given = [name for name, on in (("response_format", self.response_format is not None
@@ -125,12 +195,12 @@ class TextPart(_Request):
 
 
 class ToolCallFunction(BaseModel):
-    name: str
+    name: Name
     arguments: str
 
 
 class ToolCall(BaseModel):
-    id: str
+    id: Name
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
@@ -139,7 +209,7 @@ class FunctionDefinition(_Request):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class Tool(_Request):
@@ -148,7 +218,7 @@ class Tool(_Request):
 
 
 class FunctionName(_Request):
-    name: str
+    name: Name
 
 
 class NamedToolChoice(_Request):
@@ -159,9 +229,9 @@ class NamedToolChoice(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
+    name: Name | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: Name | None = None
     reasoning_content: str | None = None
 
     def text(self) -> str | None:
@@ -171,17 +241,25 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    # top_logprobs needs logprobs; tool_choice (other than "none") needs tools.
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(
+        *_SAMPLING_RULES,
+        {"if": _given("top_logprobs", {"type": "integer", "minimum": 1}),
+         "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},
+        {"if": _given("tool_choice", {"not": {"enum": ["none", None]}}),
+         "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}))
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: integer(1, MAX_INT) | None = None
+    logprobs: Bool = False
+    top_logprobs: integer(0, MAX_TOP_LOGPROBS) | None = None
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
-    separate_reasoning: bool = True  # with --reasoning-parser: reasoning_content apart from content
+    parallel_tool_calls: Bool = True
+    separate_reasoning: Bool = True  # with --reasoning-parser: reasoning_content apart from content
 
     @model_validator(mode="after")
     def _check_tools(self):
@@ -229,17 +307,20 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = Field(None, ge=1)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(
+        *_SAMPLING_RULES, {"properties": {"suffix": {"anyOf": [{"type": "null"}, {"maxLength": 0}]}}}))
+
+    prompt: Text | Prompts
+    best_of: integer(1, MAX_N) | None = None
+    echo: Bool = False
+    logprobs: integer(0, MAX_TOP_LOGPROBS) | None = None
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
     def _check_prompt_shape(cls, v):
         def ids(x):
-            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+            return isinstance(x, list) and all(_is_integer(t) for t in x)
 
         if isinstance(v, str) or (isinstance(v, list) and v and (
                 all(isinstance(p, str) for p in v) or ids(v) or all(ids(p) and p for p in v))):
@@ -267,17 +348,17 @@ _EMBEDDING_INPUT_SHAPE = "must be a string, a list of strings, a list of token i
 
 
 class EmbeddingRequest(_Request):
-    model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    model: Name
+    input: Text | Prompts
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None  # checked against the model (Matryoshka sizes) by the handler
-    user: str | None = None
+    dimensions: integer(1, MAX_INT) | None = None  # checked against the model (Matryoshka sizes) by the handler
+    user: Name | None = None
 
     @field_validator("input", mode="before")
     @classmethod
     def _check_input(cls, v):
         def is_id(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
+            return _is_integer(x)
 
         if isinstance(v, str):
             if not v:
@@ -433,7 +514,7 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int
-    is_generation: bool = True  # False for an embedding model (it serves /v1/embeddings only)
+    is_generation: Bool = True  # False for an embedding model (it serves /v1/embeddings only)
 
 
 class ModelList(BaseModel):
@@ -441,17 +522,114 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ErrorResponse(BaseModel):
+    """Every error's body (vLLM's and SGLang's shape; in a stream: an event {"error": <this>})."""
+
+    object: Literal["error"] = "error"
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int
+
+
+class StreamError(BaseModel):
+    """The event a stream ends with (before [DONE]) when it fails after it began."""
+
+    error: ErrorResponse
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # a base64 string of little-endian float32 with encoding_format=base64
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+class GenerateResult(BaseModel):
+    """One sequence of /generate (a list of them for a batch or n > 1; in a stream, one per event)."""
+
+    text: str
+    output_ids: list[int]
+    meta_info: dict[str, Any]
+    index: int | None = None  # streams: the sequence's position in the batch
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    text: str
+
+
+class MessageResponse(BaseModel):
+    message: str
+
+
+class LoRAAdaptersResponse(BaseModel):
+    success: bool
+    message: str
+    loaded_adapters: dict[str, str]  # name: path
+
+
+class NativeSamplingParams(_Request):
+    """/generate's sampling_params: SamplingParams' fields in SGLang's names (its validate() has the last
+    word; these types and ranges state the same contract in the schema)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(  # at most one output constraint
+        *({"not": {"allOf": [_given(a), _given(b)]}} for i, a in enumerate(GRAMMAR_KINDS) for b in GRAMMAR_KINDS[i + 1:])))
+
+    max_new_tokens: integer(0, MAX_INT) | None = None
+    temperature: Float | None = Field(None, ge=0)
+    top_p: Float | None = Field(None, gt=0, le=1)
+    top_k: TopK | None = None
+    min_p: Float | None = Field(None, ge=0, le=1)
+    frequency_penalty: Float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    presence_penalty: Float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    repetition_penalty: Float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
+    seed: integer(-MAX_INT, MAX_INT) | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    ignore_eos: Bool | None = None
+    skip_special_tokens: Bool | None = None
+    spaces_between_special_tokens: Bool | None = None
+    logprobs: Bool | None = None
+    top_logprobs: integer(0, MAX_TOP_LOGPROBS) | None = None
+    n: integer(1, MAX_N) | None = None
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
+    ebnf: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
+    structural_tag: str | dict[str, Any] | None = None
+
+
 class GenerateRequest(_Request):
     """SGLang's native /generate."""
 
-    text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: dict[str, Any] | None = None
-    stream: bool = False
-    return_logprob: bool = False
-    top_logprobs_num: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
-    rid: str | None = None
-    lora_path: str | list[str | None] | None = None  # per prompt when a list (None: the base model)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(  # exactly one of text and input_ids
+        {"oneOf": [_given("text"), _given("input_ids")]}))
+
+    text: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | None = None
+    input_ids: TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)] | None = None
+    sampling_params: NativeSamplingParams | None = None
+    stream: Bool = False
+    return_logprob: Bool = False
+    top_logprobs_num: integer(0, MAX_TOP_LOGPROBS) = 0
+    rid: Name | None = None
+    # Per prompt when a list (None: the base model).
+    lora_path: str | Annotated[list[str | None], Field(max_length=MAX_PROMPTS)] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -462,7 +640,7 @@ class GenerateRequest(_Request):
     def to_sampling_params(self) -> SamplingParams:
         """sampling_params in SGLang's names (max_new_tokens defaults to DEFAULT_MAX_NEW_TOKENS);
         return_logprob asks for the sampled tokens' logprobs with top_logprobs_num alternatives."""
-        values = dict(self.sampling_params or {})
+        values = self.sampling_params.model_dump(exclude_none=True) if self.sampling_params else {}
         if self.return_logprob:
             values.setdefault("logprobs", True)
             values.setdefault("top_logprobs", self.top_logprobs_num)
@@ -470,21 +648,21 @@ class GenerateRequest(_Request):
 
 
 class LoadLoRAAdapterRequest(_Request):
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
-    pinned: bool = False
+    lora_name: Name = Field(min_length=1)
+    lora_path: str = Field(min_length=1, max_length=MAX_PATH_CHARS)
+    pinned: Bool = False
 
 
 class UnloadLoRAAdapterRequest(_Request):
-    lora_name: str = Field(min_length=1)
+    lora_name: Name = Field(min_length=1)
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
+    model: Name | None = None
     prompt: str
-    add_special_tokens: bool = True
+    add_special_tokens: Bool = True
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
-    tokens: list[int]
+    model: Name | None = None
+    tokens: list[TokenId]

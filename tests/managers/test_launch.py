@@ -48,11 +48,18 @@ def test_missing_or_odd_paths(tmp_path):
         check_model_files(str(odd))
 
 
-def test_engine_failure_is_raised_with_its_reason(tmp_path):
+def test_unsupported_architecture_is_refused_before_the_spawn(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"config\.json: unsupported model type 'gpt2' \(supported: bert, llama"):
+        EngineProcess(ServerArgs(model_path=str(tmp_path)))
+
+
+def test_engine_failure_is_raised_with_its_reason(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     engine = EngineProcess(ServerArgs(model_path=str(tmp_path)))
-    with pytest.raises(EngineStartError, match="gpt2"):
+    with pytest.raises(EngineStartError, match="engine failed to start"):
         engine.wait_ready()
     assert not engine.alive()
 

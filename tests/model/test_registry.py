@@ -42,3 +42,12 @@ def test_unsupported_types_name_the_supported_ones():
     with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'bert' \(supported: llama, qwen2, qwen3\)"):
         gguf_architecture("bert")
     assert {a for a, entry in ARCHITECTURES.items() if entry.gguf} == {"llama", "qwen2", "qwen3"}
+
+
+def test_the_launchers_list_matches_the_registry():
+    """model_files refuses unsupported checkpoints before the engine starts (without torch): its lists are
+    the registry's."""
+    from radixserve.model_files import GGUF_ARCHITECTURES, MODEL_TYPES
+
+    assert sorted(MODEL_TYPES) == sorted(ARCHITECTURES)
+    assert sorted(GGUF_ARCHITECTURES) == sorted(k for k, a in ARCHITECTURES.items() if a.gguf)

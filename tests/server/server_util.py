@@ -105,10 +105,8 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-@contextlib.contextmanager
-def run_server(log_dir: str, *flags: str, api_key: str | None = None) -> Iterator[Server]:
-    """Start `radixserve serve` with `flags` (plus --api-key when given), wait for /health, yield it, and
-    always stop it with SIGTERM, asserting a graceful exit (code 0)."""
+def start_server(log_dir: str, *flags: str, api_key: str | None = None) -> Server:
+    """Start `radixserve serve` with `flags` (plus --api-key when given) on a free port; returns at once."""
     port = free_port()
     log_path = os.path.join(log_dir, f"server-{port}.log")
     cmd = [sys.executable, "-m", "radixserve.cli", "serve", "--port", str(port), "--host", "127.0.0.1",
@@ -118,7 +116,15 @@ def run_server(log_dir: str, *flags: str, api_key: str | None = None) -> Iterato
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    return Server(f"http://127.0.0.1:{port}", proc, log_path)
+
+
+@contextlib.contextmanager
+def run_server(log_dir: str, *flags: str, api_key: str | None = None) -> Iterator[Server]:
+    """Start `radixserve serve` with `flags` (plus --api-key when given), wait for /health, yield it, and
+    always stop it with SIGTERM, asserting a graceful exit (code 0)."""
+    server = start_server(log_dir, *flags, api_key=api_key)
+    proc = server.proc
     try:
         _wait_ready(server, {"Authorization": f"Bearer {api_key}"} if api_key else {})
     except BaseException:

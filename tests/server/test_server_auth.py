@@ -1,4 +1,4 @@
-"""A server with --api-key and --served-model-name."""
+"""A server with --api-key, --admin-api-key, --allowed-origins and --served-model-name."""
 from __future__ import annotations
 
 import openai
@@ -6,12 +6,16 @@ import pytest
 from server_util import assert_error, assert_serving
 
 KEY = "secret"
+ADMIN_KEY = "admin-secret"
 NAME = "test-model"
+ORIGIN = "https://app.example"
+PROMPT_MARK = "Zanzibar-quokka-17"  # a prompt whose text must not reach the log
 
 
 @pytest.fixture(scope="module")
 def auth_server(launch_server):
-    with launch_server("--served-model-name", NAME, api_key=KEY) as s:
+    with launch_server("--served-model-name", NAME, "--admin-api-key", ADMIN_KEY, "--allowed-origins", ORIGIN,
+                       api_key=KEY) as s:
         yield s
 
 
@@ -22,6 +26,7 @@ def anon(auth_server):
 
 
 BEARER = {"Authorization": f"Bearer {KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
 
@@ -54,8 +59,49 @@ def test_health_is_open(anon):
 
 def test_key_is_not_echoed(anon):
     info = anon.get("/get_server_info", headers=BEARER).json()
-    assert info["api_key"] == "***"
+    assert info["api_key"] == "***" and info["admin_api_key"] == "***"
     assert KEY not in anon.get("/get_server_info", headers=BEARER).text
+
+
+@pytest.mark.parametrize("route, body", [("/flush_cache", None),
+                                         ("/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"}),
+                                         ("/unload_lora_adapter", {"lora_name": "x"})])
+def test_admin_routes_need_the_admin_key(anon, route, body):
+    assert_error(anon.post(route, json=body), 401, code="invalid_api_key")
+    assert_error(anon.post(route, json=body, headers={"Authorization": "Bearer wrong"}), 401, code="invalid_api_key")
+    assert_error(anon.post(route, json=body, headers=BEARER), 403, code="permission_denied", contains="admin")
+    assert anon.post(route, json=body, headers=ADMIN).status_code != 401  # past the guard: the route answers
+
+
+def test_admin_key_passes_everywhere(anon):
+    assert anon.post("/flush_cache", headers=ADMIN).status_code == 200
+    assert anon.post("/v1/chat/completions", json=CHAT, headers=ADMIN).status_code == 200
+
+
+def test_cors_only_for_the_allowed_origin(anon, http):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    r = anon.options("/v1/chat/completions", headers={"Origin": ORIGIN, **preflight})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = anon.post("/v1/chat/completions", json=CHAT, headers={"Origin": ORIGIN, **BEARER})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = anon.options("/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in r.headers
+    # The default server (no --allowed-origins) sends no CORS headers at all.
+    r = http.post("/v1/chat/completions", json={**CHAT, "model": http.get("/v1/models").json()["data"][0]["id"]},
+                  headers={"Origin": ORIGIN})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_no_secret_or_text_in_the_log(auth_server, anon):
+    """At the default log level the log holds neither the keys nor what clients send or get."""
+    body = {**CHAT, "messages": [{"role": "user", "content": f"Repeat: {PROMPT_MARK}"}], "max_tokens": 8}
+    r = anon.post("/v1/chat/completions", json=body, headers=BEARER)
+    assert r.status_code == 200
+    output = r.json()["choices"][0]["message"]["content"]
+    anon.post("/v1/chat/completions", json={**body, "regex": PROMPT_MARK + "[", "max_tokens": 2}, headers=BEARER)
+    log = auth_server.log(tail=10**7)
+    for secret in (KEY, ADMIN_KEY, PROMPT_MARK, *([output] if len(output) >= 16 else [])):
+        assert secret not in log, secret
 
 
 def test_sdk_auth(auth_server):

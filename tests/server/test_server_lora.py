@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import signal
 import time
 
 import httpx
@@ -18,9 +19,11 @@ NAMES = ("attn", "mlp", "qv")
 
 
 @pytest.fixture(scope="module")
-def lora_server(launch_server, default_adapters):
+def lora_server(launch_server, default_adapters, tmp_path_factory):
+    # Adapters may be loaded at run time from the test's temporary folders only.
     flags = ["--dtype", "float32", "--enable-cache-report", "--max-loras-per-batch", "2", "--max-lora-rank", "16",
-             "--lora-target-modules", "all", "--lora-paths", *[f"{n}={default_adapters[n]}" for n in NAMES]]
+             "--lora-target-modules", "all", "--lora-paths", *[f"{n}={default_adapters[n]}" for n in NAMES],
+             "--lora-allowed-dirs", str(tmp_path_factory.getbasetemp())]
     with launch_server(*flags) as s:
         yield s
 
@@ -279,5 +282,38 @@ def test_unload_waits_for_running_requests(lora_server, default_adapters):
 def test_lora_disabled_server(http, model):
     """The default server has no adapters: model:adapter is an unknown model, loading is refused."""
     assert_error(complete_raw(http, f"{model}:x"), 404, code="model_not_found", contains="--enable-lora")
-    assert_error(http.post("/load_lora_adapter", json={"lora_name": "x", "lora_path": "/x"}), 400,
-                 contains="--enable-lora")
+    assert_error(http.post("/load_lora_adapter", json={"lora_name": "x", "lora_path": "/x"}), 403,
+                 code="permission_denied", contains="--enable-lora-runtime-loading")
+
+
+def test_loading_outside_the_allowed_dirs_403(lhttp, lora_server):
+    """A client's path must not make the server read any folder: only those under --lora-allowed-dirs."""
+    for r in (lhttp.post("/load_lora_adapter", json={"lora_name": "x", "lora_path": "/usr"}),
+              lhttp.post("/generate", json={"text": "Hi", "lora_path": "/usr"}),
+              lhttp.post("/v1/completions", json={"model": lora_server.model, "prompt": "Hi",
+                                                  "lora_path": "/usr/../tmp"})):
+        assert_error(r, 403, code="permission_denied", contains="--lora-allowed-dirs")
+    assert "/usr" not in lhttp.get("/v1/models").text
+
+
+def test_adapters_loaded_at_run_time_survive_an_engine_restart(lhttp, lora_server, default_adapters, peft_greedy):
+    """Last in this module: the engine is killed; the new one serves the --lora-paths adapters and, loaded
+    again, those loaded at run time."""
+    from test_server_supervision import RESTART_TIMEOUT_S, _engine_pid
+
+    r = lhttp.post("/load_lora_adapter", json={"lora_name": "attn2", "lora_path": default_adapters["attn"]})
+    assert r.status_code == 200, r.text
+    os.kill(_engine_pid(lora_server.proc.pid), signal.SIGKILL)
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    while lhttp.get("/health").status_code == 200:  # until the death is noticed
+        assert time.monotonic() < deadline, lora_server.log()
+        time.sleep(0.1)
+    while lhttp.get("/health").status_code != 200 or "attn2" not in lhttp.get("/v1/models").text:
+        assert time.monotonic() < deadline, lora_server.log()
+        time.sleep(0.5)
+    ids = [m["id"] for m in lhttp.get("/v1/models").json()["data"]]
+    assert {f"{lora_server.model}:{n}" for n in (*NAMES, "attn2")} <= set(ids)
+    r = lhttp.post("/generate", json={"text": PROMPT, "lora_path": "attn2",
+                                      "sampling_params": {"max_new_tokens": 12, "temperature": 0}})
+    assert r.status_code == 200, r.text
+    assert r.json()["output_ids"] == peft_greedy["attn"]
