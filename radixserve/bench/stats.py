@@ -18,7 +18,7 @@ class RequestResult:
     e2e: float = 0.0
 
 
-def _percentiles(values: list[float], prefix: str) -> dict[str, float]:
+def percentiles(values: list[float], prefix: str) -> dict[str, float]:
     if not values:
         return {f"{prefix}_{p}_ms": float("nan") for p in ("p50", "p90", "p99")}
     p50, p90, p99 = np.percentile(np.asarray(values) * 1000.0, [50, 90, 99])
@@ -39,7 +39,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, float]
         "total_throughput": (out_tokens + prompt_tokens) / duration if duration else 0.0,
         "cache_hit_rate": sum(r.cached_tokens for r in done) / prompt_tokens if prompt_tokens else 0.0,
     }
-    summary.update(_percentiles([r.ttft for r in done], "ttft"))
-    summary.update(_percentiles([x for r in done for x in r.itls], "itl"))
-    summary.update(_percentiles([r.e2e for r in done], "e2e"))
+    summary.update(percentiles([r.ttft for r in done], "ttft"))
+    summary.update(percentiles([x for r in done for x in r.itls], "itl"))
+    summary.update(percentiles([r.e2e for r in done], "e2e"))
     return summary

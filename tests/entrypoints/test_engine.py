@@ -133,7 +133,7 @@ def test_errors_are_clear_and_engine_keeps_serving(engine):
         engine.generate("hi", {"max_tokens": 3})
     with pytest.raises(ValueError, match="context length"):
         engine.generate(input_ids=[5] * 9000, sampling_params=GREEDY)
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(ValueError, match="is not a token id of this model"):
         engine.generate(input_ids=[10**6], sampling_params=GREEDY)
     assert engine.generate("The sky is", GREEDY)["meta_info"]["completion_tokens"] == 12
 
