@@ -20,7 +20,9 @@ MAX_NAME_CHARS = 256  # model and adapter names, user ids, tool call ids
 MAX_PATH_CHARS = 4096
 MAX_GRAMMAR_CHARS = 65536  # regex / EBNF sources: compiled by the engine before the request runs
 MAX_TOKEN_ID = 2**31 - 1  # the schema's bound; the model's vocabulary is checked when the request arrives
-
+# Integers a request may give, beyond which JSON numbers lose precision in most clients and schema
+# validators (doubles); within the engine's int64.
+MAX_INT = 2**53 - 1
 
 
 def _is_integer(v: Any) -> bool:
@@ -32,29 +34,22 @@ def _integral(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-# Strict: JSON true/false and strings are not numbers (pydantic's lax mode would read true as 1 and "3"
-# as 3); 3.0 is the integer 3, as in JSON Schema. Every integer field has an upper bound: the engine's
-# messages and tensors hold int64.
-def integer(ge: int, le: int) -> Any:
-    """An integer field's type with its range (in the type, so that the schema states it)."""
-    return Annotated[int, Strict(), Field(ge=ge, le=le), BeforeValidator(_integral)]
+def integer(ge: int, le: int, **schema: Any) -> Any:
+    """An integer field's type with its range (in the type, so that the schema states it). Strict: JSON
+    true/false and strings are not numbers (pydantic's lax mode would read true as 1 and "3" as 3); 3.0
+    is the integer 3, as in JSON Schema."""
+    return Annotated[int, Strict(), Field(ge=ge, le=le, json_schema_extra=schema or None), BeforeValidator(_integral)]
 
 
-# Integers a request may give, beyond which JSON numbers lose precision in most clients and schema
-# validators (doubles); within the engine's int64.
-MAX_INT = 2**53 - 1
 Float = Annotated[float, Strict(), AllowInfNan(False)]
 Bool = Annotated[bool, Strict()]  # true or false only (lax mode would take "yes", 1, "off")
 # x-token-id: the published schema bounds these by the served model's vocabulary (server/openapi.py).
-TokenId = Annotated[int, Strict(), Field(ge=0, le=MAX_TOKEN_ID, json_schema_extra={"x-token-id": True}),
-                    BeforeValidator(_integral)]
+TokenId = integer(0, MAX_TOKEN_ID, **{"x-token-id": True})
 TopK = Literal[-1] | integer(1, MAX_INT)  # -1: off
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
-
-
+Text = Annotated[str, Field(min_length=1)]  # a prompt or a stop string: never empty
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 # A batch: strings, one prompt's token ids, or several prompts' token ids.
-Text = Annotated[str, Field(min_length=1)]  # a prompt or a stop string: never empty
 Prompts = Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | Annotated[
     list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
 
