@@ -198,6 +198,7 @@ class Soak:
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     error_shapes: Counter = field(default_factory=Counter)
+    stopping: bool = False
     in_flight: int = 0
 
     def __post_init__(self):
@@ -281,13 +282,16 @@ class Soak:
 
     async def worker(self, client: httpx.AsyncClient, i: int) -> None:
         rng = random.Random(self.ns.seed * 1_000_003 + i)
-        while True:
+        while not self.stopping:
             p = self.plan(rng)
             start = time.perf_counter()
             self.in_flight += 1
             try:
-                cls, what = await asyncio.wait_for(self.send(client, p), self.ns.request_timeout)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancellation that
+                # ends the run when the request finishes at that moment, and the worker then runs on.
+                async with asyncio.timeout(self.ns.request_timeout):
+                    cls, what = await self.send(client, p)
+            except TimeoutError:
                 cls, what = "error", f"{p.kind}: no answer within {self.ns.request_timeout:.0f} s"
             except httpx.HTTPError as e:
                 cls, what = "error", f"{p.kind}: {type(e).__name__}: {e}"
@@ -361,6 +365,7 @@ async def soak(url: str, pid: int | None, prompts: list[str], ns: argparse.Names
                 tick += 1
         finally:
             abandoned = state.in_flight
+            state.stopping = True
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
