@@ -185,7 +185,9 @@ class TokenizerManager:
     def check_token_ids(self, ids: list[int], what: str = "token ids") -> None:
         """ValueError unless every id is a token of the vocabulary (checked before anything decodes them)."""
         vocab = self.info.vocab_size
-        bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
+        if ids and 0 <= min(ids) and max(ids) < vocab:  # the common case in C, not a loop per id
+            return
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"{what}: {bad!r} is not a token id of this model (ids are in [0, {vocab}))")
 

@@ -106,19 +106,24 @@ _SAMPLING_RULES = (
 )
 
 
-class _Sampling(_Request):
-    """Parameters shared by chat and completions (OpenAI's, then SGLang/vLLM's extensions)."""
+class _Filters(_Request):
+    """The sampling filters and penalties, named and bounded alike in the OpenAI routes and /generate."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(*_SAMPLING_RULES))
-
-    model: Name
-    temperature: Float | None = Field(None, ge=0, le=OPENAI_MAX_TEMPERATURE)
     top_p: Float | None = Field(None, gt=0, le=1)
     top_k: TopK | None = None
     min_p: Float | None = Field(None, ge=0, le=1)
     frequency_penalty: Float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     presence_penalty: Float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     repetition_penalty: Float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
+
+
+class _Sampling(_Filters):
+    """Parameters shared by chat and completions (OpenAI's, then SGLang/vLLM's extensions)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(*_SAMPLING_RULES))
+
+    model: Name
+    temperature: Float | None = Field(None, ge=0, le=OPENAI_MAX_TEMPERATURE)
     max_tokens: integer(1, MAX_INT) | None = None
     n: integer(1, MAX_N) = 1
     stop: str | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
@@ -580,7 +585,7 @@ class LoRAAdaptersResponse(BaseModel):
     loaded_adapters: dict[str, str]  # name: path
 
 
-class NativeSamplingParams(_Request):
+class NativeSamplingParams(_Filters):
     """/generate's sampling_params: SamplingParams' fields in SGLang's names (its validate() has the last
     word; these types and ranges state the same contract in the schema)."""
 
@@ -589,12 +594,6 @@ class NativeSamplingParams(_Request):
 
     max_new_tokens: integer(0, MAX_INT) | None = None
     temperature: Float | None = Field(None, ge=0)
-    top_p: Float | None = Field(None, gt=0, le=1)
-    top_k: TopK | None = None
-    min_p: Float | None = Field(None, ge=0, le=1)
-    frequency_penalty: Float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
-    presence_penalty: Float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
-    repetition_penalty: Float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
     seed: integer(-MAX_INT, MAX_INT) | None = None
     stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)

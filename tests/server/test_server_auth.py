@@ -1,4 +1,4 @@
-"""A server with --api-key, --admin-api-key, --allowed-origins and --served-model-name."""
+"""A server with --api-key, --admin-api-key, --allowed-origins, --served-model-name and request limits."""
 from __future__ import annotations
 
 import openai
@@ -10,11 +10,13 @@ ADMIN_KEY = "admin-secret"
 NAME = "test-model"
 ORIGIN = "https://app.example"
 PROMPT_MARK = "Zanzibar-quokka-17"  # a prompt whose text must not reach the log
+MAX_BODY = 100_000
 
 
 @pytest.fixture(scope="module")
 def auth_server(launch_server):
     with launch_server("--served-model-name", NAME, "--admin-api-key", ADMIN_KEY, "--allowed-origins", ORIGIN,
+                       "--max-body-bytes", str(MAX_BODY), "--max-prompt-tokens", "64", "--max-output-tokens", "32",
                        api_key=KEY) as s:
         yield s
 
@@ -125,3 +127,16 @@ def test_served_model_name(auth_server):
     info = auth_server.http(headers=BEARER).get("/get_model_info").json()
     assert info["served_model_name"] == NAME
     assert_serving(auth_server, BEARER)
+
+
+def test_request_limits(anon):
+    big = {"model": NAME, "prompt": "x" * MAX_BODY, "max_tokens": 2}
+    assert_error(anon.post("/v1/completions", json=big, headers=BEARER), 413, contains=str(MAX_BODY))
+    long_prompt = {"model": NAME, "prompt": "word " * 100, "max_tokens": 2}
+    assert_error(anon.post("/v1/completions", json=long_prompt, headers=BEARER), 400, contains="--max-prompt-tokens")
+    assert_error(anon.post("/v1/chat/completions", json={**CHAT, "max_tokens": 33}, headers=BEARER), 400,
+                 contains="--max-output-tokens")
+    assert_error(anon.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 33}},
+                           headers=BEARER), 400, contains="--max-output-tokens")
+    r = anon.post("/v1/chat/completions", json={**CHAT, "max_tokens": 32, "ignore_eos": True}, headers=BEARER)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 32

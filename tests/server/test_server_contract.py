@@ -82,7 +82,8 @@ def _relate(body: dict) -> None:
     if body.get("continue_final_message") is True and isinstance(messages, list) and messages and not (
             isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"):
         body["continue_final_message"] = False
-    if isinstance(body.get("lora_path"), list):  # /generate: one per prompt
+    lora = body.get("lora_path")
+    if isinstance(lora, list) and all(x is None or isinstance(x, str) for x in lora):  # /generate: one per prompt
         body["lora_path"] = None
     n, best_of = body.get("n", 1), body.get("best_of")
     if isinstance(n, int) and isinstance(best_of, int) and 1 <= best_of < n <= MAX_N:
