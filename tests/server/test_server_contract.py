@@ -57,10 +57,12 @@ def _supply(body: dict) -> None:
     _relate(body)
     params = body.get("sampling_params")
     if isinstance(params, dict):
-        for key, value in (("regex", "[a-z]{1,4}"), ("ebnf", 'root ::= "yes" | "no"'),
-                           ("json_schema", OBJECT_SCHEMA), ("structural_tag", None)):
-            if key in params and params[key] is not None:
+        given = [k for k in ("regex", "ebnf", "json_schema", "structural_tag") if params.get(k) is not None]
+        for key, value in (("regex", "[a-z]{1,4}"), ("ebnf", 'root ::= "yes" | "no"'), ("json_schema", OBJECT_SCHEMA)):
+            if key in given:
                 params[key] = value
+        if given == ["structural_tag"]:  # alone (with another it is an invalid case: keep it)
+            params["structural_tag"] = None
 
 
 def _relate(body: dict) -> None:
