@@ -3,6 +3,8 @@
 handshake, then loops: receive messages (each type has one handler), run a step, send the outputs."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import sys
@@ -91,12 +93,22 @@ def _handlers(scheduler: EngineScheduler, reply: Callable[[Stats], None]) -> dic
     }
 
 
+def _heap_trimmer() -> Callable[[], object]:
+    """glibc keeps the heap pages that a busy engine's freed tensors leave (hundreds of MB after a burst);
+    malloc_trim gives them back to the system (about 10 ms for a 1 GB heap, measured on Zen 4), so the
+    loop calls it when the engine turns idle. A no-op on other C libraries."""
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    return (lambda: None) if malloc_trim is None else functools.partial(malloc_trim, 0)
+
+
 def serve(scheduler: EngineScheduler, recv: zmq.Socket, send: zmq.Socket) -> None:
     """The loop, until the API process is gone (checked every second while idle)."""
     decoder = msgspec.msgpack.Decoder(EngineInput)
     encoder = msgspec.msgpack.Encoder()
     handlers = _handlers(scheduler, lambda stats: send.send(encoder.encode(stats)))
     parent = os.getppid()
+    trim_heap = _heap_trimmer()
+    trim_heap()  # what loading the model left
     while True:
         # Idle: block (waking every second to notice an orphaned engine); busy: just drain.
         # Work that cannot run yet (grammars compiling): wait briefly, leaving the CPU to the compiler.
@@ -108,13 +120,16 @@ def serve(scheduler: EngineScheduler, recv: zmq.Socket, send: zmq.Socket) -> Non
         while recv.poll(0):
             msg = decoder.decode(recv.recv())
             handlers[type(msg)](msg)
-        if scheduler.has_work():
+        stepped = scheduler.has_work()
+        if stepped:
             scheduler.step()
         outputs = scheduler.take_outputs()
         if outputs:
             send.send(encoder.encode(BatchOutput(outputs)))
         for reply in scheduler.take_control():  # after the outputs of the requests it waited for
             send.send(encoder.encode(reply))
+        if stepped and not scheduler.has_work():
+            trim_heap()
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 _HERE = os.path.dirname(__file__)
-_SOURCES = ("module.cpp", "decode_attention.cpp", "lora.cpp")
+_SOURCES = ("module.cpp", "decode_attention.cpp", "lora.cpp", "sampling.cpp")
 
 
 def _build_tag() -> str:
@@ -63,3 +63,9 @@ def lora_add() -> Callable | None:
     """lora.cpp: (y, x, lora_a, lora_b, token_slots, start, rows), adding in place to y, or None."""
     module = _module()
     return None if module is None else module.lora_add
+
+
+def exponential_race() -> Callable | None:
+    """sampling.cpp: (logits float32 [B, V], seeds int64 [B], steps int64 [B]) → drawn token ids, or None."""
+    module = _module()
+    return None if module is None else module.exponential_race

@@ -1,8 +1,10 @@
 import math
+import shutil
 
 import pytest
 import torch
 
+from radixserve import kernels
 from radixserve.sampling.params import SamplingParams
 from radixserve.sampling.sampler import Sampler
 
@@ -274,3 +276,48 @@ def test_tiny_top_p_keeps_top_token_even_when_not_first():
     probs = torch.tensor([0.05, 0.15, 0.3, 0.5])
     ids = draws(SamplingParams(top_p=1e-7), probs.log(), rows=32, steps=4)
     assert set(ids.unique().tolist()) == {3}
+
+
+@pytest.fixture(scope="module")
+def race():
+    fn = kernels.exponential_race()
+    if fn is None:
+        if shutil.which("c++") and shutil.which("ninja"):
+            pytest.fail("a C++ compiler and ninja are here, yet the sampling kernel did not build")
+        pytest.skip("no C++ toolchain to build the sampling kernel")
+    return fn
+
+
+@pytest.mark.parametrize("rows, vocab, scale", [(512, 1000, 1.0), (64, 49152, 3.0), (16, 7, 0.5), (8, 513, 30.0)])
+def test_race_kernel_draws_what_the_torch_path_draws(race, rows, vocab, scale):
+    """The C++ race against the torch reference (logits - log E).argmax, with masked tokens, seeds over the
+    whole int64 range and large step counters. Its log may differ by an ulp, so a row whose two best
+    reference scores are within 1e-4 may go either way; every other row must agree."""
+    g = torch.Generator().manual_seed(rows * vocab)
+    logits = torch.randn(rows, vocab, generator=g) * scale
+    logits[torch.rand(rows, vocab, generator=g) < 0.3] = float("-inf")
+    logits[:, 0] = 0.0  # one allowed token per row at least
+    seeds = torch.randint(-2**63, 2**63 - 1, (rows,), generator=g)
+    steps = torch.randint(0, 2**40, (rows,), generator=g)
+    scores = logits - Sampler(1, vocab, CPU)._log_exp_noise(seeds, steps)
+    top2 = scores.topk(min(2, vocab), dim=-1).values
+    clear = (top2[:, 0] - top2[:, -1]) > 1e-4
+    got = race(logits, seeds, steps)
+    assert torch.equal(got[clear], scores.argmax(-1)[clear])
+    assert clear.float().mean() > 0.95
+    assert race(logits[::2].t().contiguous().t(), seeds[::2], steps[::2]).equal(got[::2])  # layout-free
+
+
+def test_race_kernel_edge_rows(race):
+    """All but one token masked; a row of -inf only (argmax's answer: token 0); one token far above the
+    rest is always drawn."""
+    logits = torch.full((3, 2000), float("-inf"))
+    logits[0, 1234] = -5.0
+    logits[2] = torch.zeros(2000)
+    logits[2, 1999] = 60.0
+    seeds, steps = torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0])
+    assert race(logits, seeds, steps).tolist() == [1234, 0, 1999]
+
+
+def test_sampler_uses_the_kernel_on_cpu(race):
+    assert Sampler(1, 10, CPU)._race is race
