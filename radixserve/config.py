@@ -93,8 +93,11 @@ class ServerArgs:
     enable_metrics: bool = _flag(False, "serve Prometheus metrics at /metrics")
     log_requests: bool = _flag(False, "log every request's parameters and outcome")
     num_threads: int | None = _flag(None, "CPU threads for the engine; default: all cores")
-    int4_decode_tokens: int = _flag(4, "steps of at most this many tokens multiply a GGUF's Q4_0/Q4_1 projection "
-                                       "weights in int4, from the file's own values (CPU); 0: never")
+    int4_decode_tokens: int = _flag(4, "steps of at most this many tokens multiply a GGUF's Q4_0/Q4_1/Q8_0 weights "
+                                       "in the file's own blocks, with 8-bit activations (CPU); 0: never")
+    enable_deterministic_inference: bool = _flag(
+        False, "one arithmetic for every step size, so that a request's tokens do not depend on what else is in "
+               "its batch: the dequantised weights serve every step (--int4-decode-tokens is ignored)")
     enable_lora: bool = _flag(False, "serve LoRA adapters per request (implied by --lora-paths)")
     enable_lora_runtime_loading: bool = _flag(
         False, "let clients load adapters from folders on this machine at run time (/load_lora_adapter, a "

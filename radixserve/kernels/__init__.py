@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 _HERE = os.path.dirname(__file__)
-_SOURCES = ("module.cpp", "decode_attention.cpp", "lora.cpp", "sampling.cpp")
+_SOURCES = ("module.cpp", "decode_attention.cpp", "lora.cpp", "sampling.cpp", "gguf_matmul.cpp")
 
 
 def _build_tag() -> str:
@@ -29,7 +29,7 @@ def _build_tag() -> str:
     except OSError:
         cpu = platform.processor()
     digest = hashlib.sha1(cpu.encode())
-    for name in (*_SOURCES, "vec.h"):
+    for name in (*_SOURCES, "vec.h", "gguf_rows.h"):
         with open(os.path.join(_HERE, name), "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:12]
@@ -69,3 +69,16 @@ def exponential_race() -> Callable | None:
     """sampling.cpp: (logits float32 [B, V], seeds int64 [B], steps int64 [B]) → drawn token ids, or None."""
     module = _module()
     return None if module is None else module.exponential_race
+
+
+def gguf_matmul() -> Callable | None:
+    """gguf_matmul.cpp: (x [T, K], weight uint8 [N, K / 32 * block bytes], GGML type id, isa) → x @ Wᵀ
+    [T, N] in x's dtype, for Q4_0, Q4_1 and Q8_0 blocks; isa 0 picks the best the CPU has (gguf_isa)."""
+    module = _module()
+    return None if module is None else module.gguf_matmul
+
+
+def gguf_isa() -> int:
+    """The instruction set gguf_matmul uses here: 1 portable, 2 AVX2, 3 AVX-512 VNNI (0: no kernels)."""
+    module = _module()
+    return 0 if module is None else module.gguf_isa()

@@ -102,35 +102,34 @@ def iter_weights(reader: GGUFReader, cfg: dict, dtype: torch.dtype) -> Iterator[
         yield name, torch.from_numpy(np.array(w, copy=True)).to(dtype)  # writable copy: the file is mmapped
 
 
-# 4-bit block formats whose values int4 matmul kernels compute from exactly (32 weights per block):
-# Q4_0: w = (q - 8) * d; Q4_1: w = q * d + m, with q in 0..15; bytes: d (f16), [m (f16)], 16 of nibbles.
-_Q4_HEADER = {GGMLQuantizationType.Q4_0: 2, GGMLQuantizationType.Q4_1: 4}
+# Block types that kernels/gguf_matmul.cpp multiplies as stored, and the tensors kept that way: the
+# projections and the output head (the token embedding where it is tied).
+BLOCK_TYPES = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0}
 _PROJECTIONS = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
 
 
-def iter_q4_weights(reader: GGUFReader, cfg: dict) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(HF name, q [N, K] uint8 in 0..15, scale [N, K/32], zero [N, K/32]) of each Q4_0/Q4_1 projection
-    weight, such that weight = (q - 8) * scale + zero per block of 32 along K: the file's own values."""
+def iter_block_weights(reader: GGUFReader, cfg: dict) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(HF name, (blocks uint8 [N, K / 32 * block bytes], block type per row int8 [N])) of each projection
+    and output-head weight stored in a BLOCK_TYPES format: the file's bytes, rows in HF's order."""
     llama_layout = cfg["model_type"] == "llama"
+    head = "output.weight" if "output.weight" in {t.name for t in reader.tensors} else "token_embd.weight"
     for t in reader.tensors:
-        header = _Q4_HEADER.get(t.tensor_type)
-        m = _BLOCK.match(t.name)
-        if header is None or m is None or not m.group(2).startswith(_PROJECTIONS):
+        if t.tensor_type not in BLOCK_TYPES:
             continue
-        blocks = np.asarray(t.data).reshape(t.data.shape[0], -1, header + 16)
-        d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        nibbles = blocks[..., header:]
-        q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(t.data.shape[0], -1)
-        if header == 4:  # Q4_1: q * d + m = (q - 8) * d + (m + 8 d)
-            zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
+        m = _BLOCK.match(t.name)
+        if t.name == head:
+            name = "lm_head.weight" if head == "output.weight" else "model.embed_tokens.weight"
+        elif m is not None and m.group(2).startswith(_PROJECTIONS):
+            name = f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
         else:
-            zero = np.zeros_like(d)
+            continue
+        rows = np.asarray(t.data).reshape(t.data.shape[0], -1)
         if llama_layout and ".attn_q." in t.name:
-            q, d, zero = (_unpermute_rotary(a, cfg["num_attention_heads"]) for a in (q, d, zero))
+            rows = _unpermute_rotary(rows, cfg["num_attention_heads"])
         elif llama_layout and ".attn_k." in t.name:
-            q, d, zero = (_unpermute_rotary(a, cfg["num_key_value_heads"]) for a in (q, d, zero))
-        name = f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-        yield name, *(torch.from_numpy(np.ascontiguousarray(a)) for a in (q, d, zero))
+            rows = _unpermute_rotary(rows, cfg["num_key_value_heads"])
+        kind = torch.full((rows.shape[0],), int(t.tensor_type), dtype=torch.int8)
+        yield name, (torch.from_numpy(np.array(rows, order="C", copy=True)), kind)  # a copy: the file is mmapped
 
 
 def chat_template(reader: GGUFReader) -> str | None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixserve.model.attention import AttentionMetadata, paged_attention
-from radixserve.model.formats import DENSE, Int4, Packed, WeightMethod
+from radixserve.model.formats import DENSE, GGUFBlocks, Packed, WeightMethod
 from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
 from radixserve.model.weights import Target, fused, load_checkpoint
 
@@ -168,19 +168,24 @@ class LlamaForCausalLM(nn.Module):
         """Copy HF-named weights in, fusing q/k/v and gate/up; every parameter must be covered."""
         load_checkpoint(self, weights, self._rename)
 
-    @torch.no_grad()
-    def load_int4(self, weights: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
-                  max_tokens: int) -> int:
-        """Give the projections whose every piece comes as (q, scale, zero) the int4 method (see
-        formats/int4.py) for steps of at most max_tokens tokens, wrapping the method they had for the
-        larger steps; returns how many got one."""
+    def load_gguf_blocks(self, weights: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor]]],
+                         max_tokens: int) -> int:
+        """Give the linears (and the output head) whose weight comes whole as GGUF blocks of one type the
+        block method (see formats/gguf_blocks.py) for steps of at most max_tokens tokens, wrapping the
+        method they had for the larger steps; returns how many got one."""
         modules = dict(self.named_modules())
+        head = "lm_head.weight" if self.lm_head is not None else "embed_tokens.weight"  # the parameter's name
         count = 0
-        for _, name, (q, scale, zero) in fused(weights, self._rename, strict=False):
-            linear = modules[name.removesuffix(".weight")]
-            if q.shape != linear.weight.shape:
-                raise ValueError(f"int4 weight {name}: shape {tuple(q.shape)} != {tuple(linear.weight.shape)}")
-            linear.method = Int4(q, scale, zero, max_tokens, linear.weight.dtype, base=linear.method)
+        for _, name, (blocks, kinds) in fused(weights, self._rename, strict=False):
+            if kinds.min() != kinds.max():
+                continue  # fused pieces of different block types: this layer keeps its method
+            if name == head:
+                self.head_method = GGUFBlocks(blocks, int(kinds[0]), max_tokens, base=self.head_method)
+            else:
+                linear = modules[name.removesuffix(".weight")]
+                if blocks.shape[0] != linear.weight.shape[0]:
+                    raise ValueError(f"GGUF weight {name}: {blocks.shape[0]} rows != {linear.weight.shape[0]}")
+                linear.method = GGUFBlocks(blocks, int(kinds[0]), max_tokens, base=linear.method)
             count += 1
         return count
 

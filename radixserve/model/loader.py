@@ -72,8 +72,8 @@ def iter_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Ten
                 yield name, f.get_tensor(name).to(dtype)
 
 
-def iter_q4_weights(path: str) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """(HF name, (q, scale, zero)) for every Q4_0/Q4_1 projection weight of a GGUF file."""
+def iter_block_weights(path: str) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(HF name, (blocks, block type per row)) for every GGUF weight that stays in its block format
+    (see model/gguf.py iter_block_weights)."""
     reader = gguf_reader(path)
-    for name, q, scale, zero in gguf_file.iter_q4_weights(reader, gguf_file.read_config(reader)):
-        yield name, (q, scale, zero)
+    yield from gguf_file.iter_block_weights(reader, gguf_file.read_config(reader))

@@ -16,7 +16,7 @@ from radixserve.config import ServerArgs
 from radixserve.kernels.matmul import can_pack
 from radixserve.model.attention import AttentionMetadata
 from radixserve.model.layers import RotaryEmbedding
-from radixserve.model.loader import embedding_kind, is_gguf, iter_q4_weights, iter_weights, load_architecture
+from radixserve.model.loader import embedding_kind, is_gguf, iter_block_weights, iter_weights, load_architecture
 from radixserve.model.pooling import EmbeddingSpec, check_matryoshka, read_embedding_spec
 
 if TYPE_CHECKING:
@@ -102,7 +102,8 @@ class ModelRunner:
                              f"max_position_embeddings {cfg.max_position_embeddings}")
         free_before = _available_memory(self.device)
         start = time.perf_counter()
-        self._int4_tokens = args.int4_decode_tokens
+        # Block steps quantise activations to 8 bits: their tokens may differ from the dense path's.
+        self._int4_tokens = 0 if args.enable_deterministic_inference else args.int4_decode_tokens
         self.model = self._load(args.model_path)
         logger.info("loaded %s (%s, %s) in %.1fs", os.path.basename(args.model_path), self.dtype,
                     self.device, time.perf_counter() - start)
@@ -126,9 +127,9 @@ class ModelRunner:
         if can_pack(self.device, self.dtype):
             model.pack_weights()
         if self._int4_tokens and is_gguf(path) and self.device.type == "cpu":
-            count = model.load_int4(iter_q4_weights(path), self._int4_tokens)
+            count = model.load_gguf_blocks(iter_block_weights(path), self._int4_tokens)
             if count:
-                logger.info("int4 weights for %d projections (steps of <= %d tokens)", count, self._int4_tokens)
+                logger.info("GGUF blocks kept for %d weights (steps of <= %d tokens)", count, self._int4_tokens)
         return model.eval().requires_grad_(False)
 
     def _lora_buffers(self, args: ServerArgs):

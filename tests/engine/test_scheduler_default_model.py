@@ -53,8 +53,9 @@ MAX_RUNNING = 8
 
 
 def _args(model_path: str, **kw) -> ServerArgs:
+    # Deterministic: these tests compare a request's tokens across batches (batch invariance).
     base = dict(model_path=model_path, dtype="float32", device="cpu", max_total_tokens=MAX_TOTAL,
-                max_running_requests=MAX_RUNNING, chunked_prefill_size=256)
+                max_running_requests=MAX_RUNNING, chunked_prefill_size=256, enable_deterministic_inference=True)
     base.update(kw)
     return ServerArgs(**base)
 

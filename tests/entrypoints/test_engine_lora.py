@@ -17,7 +17,9 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def engine(default_adapters):
+    # Deterministic: the tests compare a request's tokens alone and in mixed batches.
     with radixserve.Engine(max_total_tokens=16384, max_running_requests=16, random_seed=0, dtype="float32",
+                           enable_deterministic_inference=True,
                            lora_paths=[f"{n}={default_adapters[n]}" for n in ("attn", "mlp", "qv")],
                            max_loras_per_batch=4, max_lora_rank=16, lora_target_modules=["all"]) as e:
         yield e

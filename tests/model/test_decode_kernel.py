@@ -4,23 +4,18 @@ through scattered slots, float32 and bfloat16. Model-level logits against transf
 in test_llama_logits.py."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 
+from kernel_util import built_kernel
 from radixserve import kernels
 from radixserve.model.attention import _decode_attention
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    fn = kernels.decode_attention()
-    if fn is None:
-        if shutil.which("c++") and shutil.which("ninja"):
-            pytest.fail("a C++ compiler and ninja are here, yet the decode kernel did not build")
-        pytest.skip("no C++ toolchain to build the decode kernel")
-    return fn
+    return built_kernel(kernels.decode_attention(), "decode")
 
 
 def reference(q, k_cache, v_cache, slots, lens, scale):

@@ -19,12 +19,16 @@ from gguf.quants import dequantize, quantize
 
 from radixserve.config import ServerArgs
 from radixserve.model.attention import AttentionMetadata, AttnGroup
-from radixserve.model.formats import Int4
+from radixserve.model.formats import GGUFBlocks
 from radixserve.model.loader import load_model_config
 from radixserve.model.runner import ModelInput, ModelRunner
 
 TINY_RTOL = 1e-4  # of the logit scale
 REAL_RTOL = 1e-4  # of the logit scale
+# Steps that multiply GGUF blocks quantise activations to 8 bits per block of 32 (as llama.cpp does):
+# measured 4.7e-2 of the logit scale on the real model (bfloat16 activations, the dense default on
+# AVX512-BF16 CPUs: 3.4e-2), under 1e-2 on the tiny ones.
+BLOCK_RTOL = 8e-2
 
 
 def make_runner(path: str, tokens: int = 64) -> ModelRunner:
@@ -99,21 +103,41 @@ def test_default_model_logits_match_transformers(real_runner, real_hf, tokenizer
     assert tokenizer.decode(int(ours[at].argmax())) == " capital"
 
 
-def test_int4_steps_match_transformers(real_runner, real_hf, tokenizer):
-    """Steps of at most --int4-decode-tokens tokens multiply the file's Q4_1 values in int4: every
-    projection has them, and a short step's logits match transformers on the dequantised weights as
-    closely as the float path does (the values are the same; only the kernel differs)."""
-    linears = [m for layer in real_runner.model.layers
-               for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
-    assert all(isinstance(m.method, Int4) for m in linears)
-    max_tokens = real_runner.model.layers[0].qkv_proj.method.max_tokens
-    ids = torch.tensor(tokenizer(PROMPT)["input_ids"][:max_tokens], dtype=torch.int64)
-    assert len(ids) == max_tokens
-    ours = prefill_logits(real_runner, ids)
+def block_methods(runner: ModelRunner) -> list:
+    model = runner.model
+    linears = [m for layer in model.layers for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+    return [m.method for m in linears] + [model.head_method]
+
+
+def test_block_steps_match_transformers(default_model, real_hf, tokenizer):
+    """Steps of at most --int4-decode-tokens tokens multiply the file's own Q4_1 (projections) and Q8_0
+    (tied head) blocks with 8-bit activations: every projection and the head has them, and the whole
+    prompt as one such step stays as close to transformers (float32, dequantised weights) as the
+    bfloat16 dense path does: measured max error 4.7 % of the logit scale (bfloat16 dense: 3.4 %),
+    greedy tokens 35 of 35 (bfloat16 dense: 34), mean prompt NLL 2.267 vs 2.283 nats."""
+    ids = torch.tensor(tokenizer(PROMPT)["input_ids"], dtype=torch.int64)
+    runner = ModelRunner(ServerArgs(model_path=default_model, dtype="float32", device="cpu", max_total_tokens=64,
+                                    max_running_requests=2, int4_decode_tokens=len(ids)))
+    methods = block_methods(runner)
+    assert all(isinstance(m, GGUFBlocks) for m in methods)
+    assert {m.ggml_type for m in methods} == {int(Q.Q4_1), int(Q.Q8_0)}
+    ours = prefill_logits(runner, ids)
     with torch.no_grad():
         ref = real_hf(ids[None]).logits[0].float()
-    assert_close_logits(ours, ref, REAL_RTOL)
-    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    assert_close_logits(ours, ref, BLOCK_RTOL)
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.94
+
+    def nll(logits: torch.Tensor) -> float:
+        return -torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None]).mean().item()
+
+    assert abs(nll(ours) - nll(ref)) < 0.05
+
+
+def test_deterministic_inference_keeps_one_arithmetic(default_model):
+    """--enable-deterministic-inference: every step multiplies the dequantised weights, whatever its size."""
+    runner = ModelRunner(ServerArgs(model_path=default_model, dtype="float32", device="cpu", max_total_tokens=64,
+                                    max_running_requests=2, enable_deterministic_inference=True))
+    assert not any(isinstance(m, GGUFBlocks) for m in block_methods(runner))
 
 
 # --- tiny GGUF files written here --------------------------------------------------------------------
@@ -228,6 +252,23 @@ def test_tiny_gguf_logits_match_transformers(tmp_path, qtype, tied):
     with torch.no_grad():
         ref = hf_llama(state, tied)(ids[None]).logits[0]
     assert_close_logits(ours, ref, TINY_RTOL)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_tiny_gguf_block_steps_match_transformers(tmp_path, qtype):
+    """A short step (decode-sized) multiplies the file's blocks: logits within BLOCK_RTOL of transformers
+    on the dequantised weights, tied head and untied."""
+    for tied in (True, False):
+        path = str(tmp_path / f"tiny-{qtype.name}-{tied}.gguf")
+        state = write_tiny_gguf(path, qtype, tied, seed=int(qtype) + 1)
+        runner = make_runner(path)
+        methods = block_methods(runner)
+        assert all(isinstance(m, GGUFBlocks) and m.ggml_type == int(qtype) for m in methods)
+        ids = torch.randint(0, VOCAB, (methods[0].max_tokens,), generator=torch.Generator().manual_seed(6))
+        ours = prefill_logits(runner, ids)
+        with torch.no_grad():
+            ref = hf_llama(state, tied)(ids[None]).logits[0]
+        assert_close_logits(ours, ref, BLOCK_RTOL)
 
 
 def test_tiny_gguf_config(tmp_path):

@@ -1,14 +1,18 @@
 """The linear layer's weight methods (model/formats) give what the plain matmuls give: packed exactly
-as the plain bfloat16 matmul, int4 exactly as torch's int4 kernel on its own for short steps and exactly
-as the method it wraps for longer ones."""
+as the plain bfloat16 matmul, GGUF blocks exactly as the block kernel on its own for short steps and
+exactly as the method it wraps for longer ones."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
 import torch.nn.functional as F
 
+from radixserve import kernels
 from radixserve.kernels.matmul import can_pack
-from radixserve.model.formats import DENSE, Int4, Packed
+from radixserve.model.formats import DENSE, GGUFBlocks, Packed
 from radixserve.model.layers import Linear
 
 
@@ -45,52 +49,46 @@ def test_packed_weight_same_as_plain(rows):
     assert torch.equal(plain, F.linear(x, layer.weight, layer.bias))
 
 
-def q4_blocks(out_features: int, in_features: int, seed: int):
-    """Random Q4_1-style values: q in 0..15, a scale and a zero per block of 32 inputs."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (out_features, in_features), generator=g, dtype=torch.uint8)
-    scale = torch.rand(out_features, in_features // 32, generator=g) * 0.1 + 0.01
-    zero = torch.randn(out_features, in_features // 32, generator=g) * 0.1
-    return q, scale, zero
+def gguf_blocks(out_features: int, in_features: int, seed: int, kind: Q = Q.Q4_1) -> torch.Tensor:
+    """Random weights in a GGUF block format: the file's bytes, one row per output."""
+    w = np.random.default_rng(seed).standard_normal((out_features, in_features)).astype(np.float32) * 0.05
+    return torch.from_numpy(np.ascontiguousarray(quantize(w, kind)))
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_int4_short_steps_take_the_int4_kernel_longer_ones_the_base(bias):
+def test_gguf_blocks_short_steps_take_the_kernel_longer_ones_the_base(bias):
+    matmul = kernels.gguf_matmul()
+    if matmul is None:
+        pytest.skip("no C++ toolchain to build the GGUF kernel")
     layer = random_linear(2, torch.float32, in_features=128, bias=bias)
-    q, scale, zero = q4_blocks(96, 128, 3)
-    with torch.no_grad():
-        layer.method = Int4(q, scale, zero, 4, layer.weight.dtype, base=layer.method)
-    assert layer.method.base is DENSE and len(layer.copies()) == 2
-    packed_q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    scales = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-    dequantised = ((q.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1))
+    blocks = gguf_blocks(96, 128, 3)
+    layer.method = GGUFBlocks(blocks, int(Q.Q4_1), 4, base=layer.method)
+    assert layer.method.base is DENSE and [id(t) for t in layer.copies()] == [id(blocks)]
     g = torch.Generator().manual_seed(4)
     for rows in (1, 4):
         x = torch.randn(rows, 128, generator=g)
         with torch.no_grad():
             y = layer(x)
-        expected = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed_q, 32, scales)
+        expected = matmul(x, blocks, int(Q.Q4_1), 0)
         assert torch.equal(y, expected if not bias else expected + layer.bias)
-        ref = F.linear(x, dequantised, layer.bias)
-        assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
     x = torch.randn(5, 128, generator=g)
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # past max_tokens: the base
 
 
 def test_model_methods_set_at_load(tiny_model_dir):
-    """pack_weights gives every linear and the head a packed method (where oneDNN packs), load_int4
+    """pack_weights gives every linear and the head a packed method (where oneDNN packs), a block method
     wraps what a linear had, and weight_copies counts what the methods made."""
     from radixserve.config import ServerArgs
     from radixserve.model.runner import ModelRunner
 
+    if kernels.gguf_matmul() is None:
+        pytest.skip("no C++ toolchain to build the GGUF kernel")
     runner = ModelRunner(ServerArgs(model_path=tiny_model_dir("llama"), dtype="float32", device="cpu",
                                     max_total_tokens=32, max_running_requests=2))
     model = runner.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.method is DENSE for m in linears) and model.weight_copies() == []
     lin = model.layers[0].o_proj
-    q, scale, zero = q4_blocks(*lin.weight.shape, 5)
-    lin.method = Int4(q, scale, zero, 2, lin.weight.dtype, base=lin.method)
-    assert [t.data_ptr() for t in model.weight_copies()] == [lin.method.weight.data_ptr(),
-                                                              lin.method.scales.data_ptr()]
+    lin.method = GGUFBlocks(gguf_blocks(*lin.weight.shape, 5), int(Q.Q4_1), 2, base=lin.method)
+    assert [id(t) for t in model.weight_copies()] == [id(lin.method.blocks)]

@@ -1,9 +1,9 @@
 import math
-import shutil
 
 import pytest
 import torch
 
+from kernel_util import built_kernel
 from radixserve import kernels
 from radixserve.sampling.params import SamplingParams
 from radixserve.sampling.sampler import Sampler
@@ -280,12 +280,7 @@ def test_tiny_top_p_keeps_top_token_even_when_not_first():
 
 @pytest.fixture(scope="module")
 def race():
-    fn = kernels.exponential_race()
-    if fn is None:
-        if shutil.which("c++") and shutil.which("ninja"):
-            pytest.fail("a C++ compiler and ninja are here, yet the sampling kernel did not build")
-        pytest.skip("no C++ toolchain to build the sampling kernel")
-    return fn
+    return built_kernel(kernels.exponential_race(), "sampling")
 
 
 @pytest.mark.parametrize("rows, vocab, scale", [(512, 1000, 1.0), (64, 49152, 3.0), (16, 7, 0.5), (8, 513, 30.0)])

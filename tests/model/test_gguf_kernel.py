@@ -1,0 +1,106 @@
+"""The GGUF block kernel (kernels/gguf_matmul.cpp) against gguf's dequantise-then-matmul, on every
+instruction-set path this CPU has: Q4_0, Q4_1 and Q8_0, block counts odd and even, 1 to 9 tokens.
+
+The kernel quantises x per block of 32 to 8 bits (x ≈ dx * qx, |x - dx qx| ≤ dx / 2 per element), so
+against the exact product its error is at most Σ_blocks dx / 2 · Σ_block |w| per output, plus float32
+rounding; that bound is what the test holds it to. The paths compute the same integer sums, so they
+agree with the portable one to float32 rounding (1e-5 of Σ|x||w|)."""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from kernel_util import built_kernel
+from radixserve import kernels
+
+ISA_NAMES = {1: "portable", 2: "AVX2", 3: "AVX-512 VNNI"}
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+
+
+@pytest.fixture(scope="module")
+def matmul():
+    return built_kernel(kernels.gguf_matmul(), "GGUF")
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+
+
+def isa_params():
+    flags = cpu_flags()
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    return [pytest.param(isa, id=ISA_NAMES[isa], marks=pytest.mark.skipif(not ok, reason=f"this CPU lacks {ISA_NAMES[isa]}"))
+            for isa, ok in ((1, True), (2, avx2), (3, avx512))]
+
+
+def blocks_of(w: np.ndarray, kind: Q) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the file's bytes [N, K / 32 * block bytes], the dequantised weight [N, K] float64)."""
+    data = quantize(w, kind)
+    return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(dequantize(data, kind).astype(np.float64))
+
+
+def error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[T, N]: Σ_b (max|x_b| / 127) / 2 · Σ_{i in b} |w_i|, plus float32 rounding of the sums."""
+    t, k = x.shape
+    dx = x.double().abs().view(t, k // 32, 32).amax(-1) / 127
+    wsum = w.abs().view(w.shape[0], k // 32, 32).sum(-1)
+    return dx / 2 @ wsum.T + 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
+
+
+def test_dispatch_follows_the_cpu(matmul):
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags:
+        expected = 3
+    elif {"avx2", "fma", "f16c"} <= flags:
+        expected = 2
+    else:
+        expected = 1
+    assert kernels.gguf_isa() == expected
+    x, w = torch.randn(1, 32), torch.zeros(1, 18, dtype=torch.uint8)
+    if expected < 3:
+        with pytest.raises(RuntimeError, match="not available on this CPU"):
+            matmul(x, w, int(Q.Q4_0), 3)
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("kind", TYPES, ids=lambda k: k.name)
+@pytest.mark.parametrize("k", [96, 576])
+def test_matches_dequantised_matmul(matmul, isa, kind, k):
+    g = np.random.default_rng(k + int(kind))
+    w = (g.standard_normal((37, k)) * 0.05).astype(np.float32)
+    w[3] = 0.0  # an all-zero row: scale 0
+    blocks, dense = blocks_of(w, kind)
+    for tokens in (1, 3, 4, 5, 9):
+        x = torch.from_numpy(g.standard_normal((tokens, k)).astype(np.float32))
+        x[0, :32] = 0.0  # an all-zero block of x
+        y = matmul(x, blocks, int(kind), isa)
+        exact = x.double() @ dense.T
+        assert y.dtype == torch.float32 and y.shape == (tokens, 37)
+        assert ((y.double() - exact).abs() <= error_bound(x, dense)).all()
+        if isa != 1:  # the same integer sums, scaled and added in another order
+            portable = matmul(x, blocks, int(kind), 1)
+            assert ((y - portable).abs() <= 1e-5 * (x.abs() @ dense.abs().float().T) + 1e-6).all()
+
+
+def test_bfloat16_in_and_out(matmul):
+    g = np.random.default_rng(0)
+    w = (g.standard_normal((16, 64)) * 0.05).astype(np.float32)
+    blocks, _ = blocks_of(w, Q.Q8_0)
+    x = torch.from_numpy(g.standard_normal((2, 64)).astype(np.float32)).bfloat16()
+    y = matmul(x, blocks, int(Q.Q8_0), 0)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, matmul(x.float(), blocks, int(Q.Q8_0), 0).bfloat16())
+
+
+def test_refuses_what_it_cannot_multiply(matmul):
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="unsupported GGUF block type"):
+        matmul(x, torch.zeros(4, 2 * 18, dtype=torch.uint8), int(Q.Q5_0), 0)
+    with pytest.raises(RuntimeError, match="bytes"):
+        matmul(x, torch.zeros(4, 18, dtype=torch.uint8), int(Q.Q4_0), 0)
