@@ -27,11 +27,12 @@ from radixserve.server.errors import APIError, bad_request
 from radixserve.server.guard import Guard
 from radixserve.server.metrics import Metrics
 from radixserve.server.openapi import errors, sse_or_json
-from radixserve.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                        CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
-                                        EmbeddingRequest, EmbeddingResponse, GenerateRequest, GenerateResult,
-                                        LoadLoRAAdapterRequest, LoRAAdaptersResponse, MessageResponse, ModelCard,
-                                        ModelList, TokenizeRequest, TokenizeResponse, UnloadLoRAAdapterRequest)
+from radixserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+                                        GenerateRequest, LoadLoRAAdapterRequest, TokenizeRequest,
+                                        UnloadLoRAAdapterRequest)
+from radixserve.server.responses import (ChatCompletionChunk, ChatCompletionResponse, CompletionResponse,
+                                         DetokenizeResponse, EmbeddingResponse, GenerateResult, LoRAAdaptersResponse,
+                                         MessageResponse, ModelCard, ModelList, TokenizeResponse)
 
 logger = logging.getLogger(__name__)
 

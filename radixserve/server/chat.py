@@ -11,9 +11,10 @@ from radixserve.constrained.tools import tool_call_constraint
 from radixserve.managers.tokenizer_manager import GenerationChunk, RequestHandle
 from radixserve.server.common import ServingContext, sse
 from radixserve.server.errors import bad_request
-from radixserve.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                        ChatStreamChoice, ChoiceLogprobs, DeltaFunction, DeltaMessage, DeltaToolCall,
-                                        ResponseMessage, TokenLogprob, ToolCall, ToolCallFunction, TopLogprob)
+from radixserve.server.protocol import ChatCompletionRequest, ToolCall, ToolCallFunction
+from radixserve.server.responses import (ChatChoice, ChatCompletionChunk, ChatCompletionResponse, ChatStreamChoice,
+                                         ChoiceLogprobs, DeltaFunction, DeltaMessage, DeltaToolCall, ResponseMessage,
+                                         TokenLogprob, TopLogprob)
 from radixserve.server.reasoning import ReasoningParser
 from radixserve.server.tool_calls import END, START, ToolCallDelta, ToolCallParser
 

@@ -15,7 +15,8 @@ from radixserve.config import ServerArgs
 from radixserve.lora.refs import LoRANotFoundError
 from radixserve.managers.tokenizer_manager import EngineDeadError, GenerationChunk, OverloadedError, RequestHandle
 from radixserve.server.errors import APIError, bad_request
-from radixserve.server.protocol import PromptTokensDetails, Usage, _Sampling
+from radixserve.server.protocol import _Sampling
+from radixserve.server.responses import PromptTokensDetails, Usage
 
 logger = logging.getLogger(__name__)
 

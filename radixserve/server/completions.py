@@ -7,7 +7,8 @@ from typing import AsyncIterator
 
 from radixserve.managers.tokenizer_manager import GenerationChunk, RequestHandle
 from radixserve.server.common import ServingContext, merge_streams, sse
-from radixserve.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from radixserve.server.protocol import CompletionRequest
+from radixserve.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 
 
 def _prompts(ctx: ServingContext, prompt) -> list[list[int]]:

@@ -11,8 +11,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from radixserve.config import ServerArgs
-from radixserve.server.protocol import (ChatCompletionChunk, CompletionResponse, ErrorResponse, GenerateResult,
-                                        StreamError)
+from radixserve.server.responses import (ChatCompletionChunk, CompletionResponse, ErrorResponse, GenerateResult,
+                                         StreamError)
 
 STREAMED = (ChatCompletionChunk, CompletionResponse, GenerateResult, StreamError, ErrorResponse)
 
