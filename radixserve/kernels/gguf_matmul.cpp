@@ -1,18 +1,21 @@
-// y = x · Wᵀ with W kept in a GGUF file's own block format (Q4_0, Q4_1, Q8_0): no dense copy.
+// y = x · Wᵀ with W in a GGUF file's own block format (Q4_0, Q4_1, Q8_0), read as stored.
 //
 // Each row of W is the file's blocks of 32 weights, as stored: a float16 scale d (and for Q4_1 an offset
 // m), then 16 bytes of 4-bit values (Q4_*: element j in the low nibble of byte j, element j + 16 in its
 // high nibble) or 32 signed bytes (Q8_0). Every block is w = d * u + c with u an unsigned byte:
-//   Q4_0: u = q,       c = -8 d;   Q4_1: u = q, c = m;   Q8_0: u = q + 128, c = -128 d.
+//   Q4_0: u = q,       c = -8 d;   Q4_1: u = q, c = m;   Q8_0: u = q + 128, c = -128 d
+// (the portable path and AVX2 take Q8_0's signed q as it is, with c = 0).
 // The rows of x are quantised per block of 32 to 8 bits (x ≈ dx * qx, dx = max|x| / 127), so that a
 // block's dot product is  d dx Σ u qx  +  c dx Σ qx : the first sum is one integer instruction per 32
 // (AVX2 vpmaddubsw, Q8_0 there by sign instead of offset) or 64 (AVX-512 VNNI vpdpbusd) weights, the
 // second is known once per x block.
 // Reading 4.5-8.5 bits per weight instead of 16 or 32 is what bounds a decode step on a CPU.
 //
-// One build serves every x86-64 CPU: the AVX2 and AVX-512 paths are compiled with target attributes and
-// chosen at run time from the CPU's features; the portable path is the reference the tests hold the
-// others to (same integer sums, so the results match to float rounding).
+// The SIMD rows are compiled once per instruction set from gguf_rows.h (AVX2; AVX-512 VNNI) and chosen
+// at run time from the CPU's features; the portable path is the reference the tests hold the others to
+// (same integer sums, so the results match to float rounding). The module as a whole is still built per
+// CPU with -march=native (kernels/__init__.py), so on an AVX-512 machine the compiler may encode the
+// "AVX2" rows with AVX-512 instructions; on an AVX2-only machine they are AVX2.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
