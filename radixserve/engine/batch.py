@@ -26,8 +26,8 @@ class ScheduledBatch:
 def build_batch(entries: list[tuple[Request, int]], slots: torch.Tensor, req_to_token: torch.Tensor,
                 device: torch.device, lora_slots: dict[int, int] | None = None, lora_rank: int = 0,
                 num_lora_slots: int = 0, lora_linears: frozenset[str] | None = None) -> ScheduledBatch:
-    """Lay the step's tokens out as [decodes..., prefill chunks...] and record their new slots in each
-    request's row of req_to_token (which attention then reads).
+    """Lay the step's tokens out as [decodes..., prefill chunks...] and record their new slots (given in
+    entry order) in each request's row of req_to_token (which attention then reads).
 
     With LoRA adapters in the step (lora_slots: adapter id → buffer slot), the tokens are laid out by
     adapter instead (base first, then each buffer slot's requests), so that each adapter's tokens form
@@ -56,6 +56,8 @@ def build_batch(entries: list[tuple[Request, int]], slots: torch.Tensor, req_to_
         offsets[perm] = offsets_l
         positions = starts[perm].repeat_interleave(lens_l) + torch.arange(total) - offsets_l.repeat_interleave(lens_l)
         token_rows = rows[perm].repeat_interleave(lens_l)
+        parts = slots.split(lens.tolist())
+        slots = torch.cat([parts[i] for i in order])
 
     rows, starts, lens, offsets, positions = (t.to(device) for t in (rows, starts, lens, offsets, positions))
     req_to_token[token_rows.to(device), positions] = slots

@@ -8,6 +8,11 @@ from radixserve.cache.radix_cache import RadixCache
 from radixserve.engine.request import Request
 
 
+# Slots reserved after a request's run for its next tokens: decode steps then write consecutive slots
+# (64 tokens of the default model's KV: 8 KB per layer and KV head).
+_RESERVE = 64
+
+
 class KVManager:
     def __init__(self, pool: KVPool, disable_radix_cache: bool):
         self.pool = pool
@@ -18,8 +23,9 @@ class KVManager:
         return self.pool.slots.available()
 
     def ensure_free(self, n: int) -> bool:
-        """Make n slots allocatable, evicting unreferenced cached prefixes (LRU) if needed."""
-        short = n - self.pool.slots.available()
+        """Make n slots allocatable, evicting unreferenced cached prefixes (LRU) if needed, before the
+        running requests' reserved slots."""
+        short = n - self.pool.slots.unreserved()
         if short > 0:
             self.tree.evict(short)
         return self.pool.slots.available() >= n
@@ -68,13 +74,20 @@ class KVManager:
         row = self.pool.req_to_token[req.row]
         self.pool.slots.free(row[req.protected_len:req.num_computed].clone())
         self.tree.dec_lock(req.tree_node)
+        self.pool.slots.release(req.row)
         self.pool.free_row(req.row)
         req.row, req.tree_node, req.protected_len, req.num_computed = -1, None, 0, 0
 
-    def alloc(self, n: int) -> torch.Tensor:
-        slots = self.pool.slots.alloc(n)
+    def alloc(self, entries: list[tuple[Request, int]]) -> torch.Tensor:
+        """New slots for a step's entries (request, tokens), in entry order: each request's continue
+        its run, and up to _RESERVE slots stay reserved after them for the tokens it may still need."""
+        rows = [req.row for req, _ in entries]
+        counts = [n for _, n in entries]
+        reserve = [min(_RESERVE, req.remaining - n + max(0, req.params.max_new_tokens - len(req.output_ids) - 1))
+                   for req, n in entries]
+        slots = self.pool.slots.alloc_rows(rows, counts, reserve, self.tree.evict)
         if slots is None:
-            raise RuntimeError(f"KV allocation of {n} slots after ensure_free: scheduler bug")
+            raise RuntimeError(f"KV allocation of {sum(counts)} slots after ensure_free: scheduler bug")
         return slots
 
     def cached_tokens(self) -> int:

@@ -253,7 +253,7 @@ class Scheduler:
         if not plan.entries:
             return
         prefilling = [req for req, _ in plan.entries if req.num_computed < len(req.prompt_ids)]
-        slots = self.kv.alloc(sum(n for _, n in plan.entries))
+        slots = self.kv.alloc(plan.entries)
         lora_ids = {req.lora_id for req, _ in plan.entries if req.lora_id}
         if lora_ids:
             batch = build_batch(plan.entries, slots, self.kv.pool.req_to_token, self.runner.device,

@@ -5,6 +5,7 @@ import random
 
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 
 from radixserve.engine.scheduler import Scheduler
@@ -81,7 +82,7 @@ def check_idle(s: Scheduler) -> None:
     assert kv.free_slots() + kv.tree.total_size() == kv.capacity, (
         kv.free_slots(), kv.tree.total_size(), kv.capacity)
     assert kv.pool.free_rows() == kv.pool.req_to_token.shape[0]
-    free = kv.pool.slots._free.tolist()
+    free = np.flatnonzero(kv.pool.slots._free).tolist()
     nodes = _tree_nodes(kv.tree)
     assert all(n.lock_ref == 0 for n in nodes)
     cached = torch.cat([n.value for n in nodes]).tolist() if nodes else []

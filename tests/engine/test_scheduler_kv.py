@@ -57,6 +57,26 @@ def test_radix_cache_reuses_shared_prefix(tiny, monkeypatch):
     assert run_p.tokens("p") == solo(ref_s, req("p", p, params))
 
 
+def test_each_request_writes_runs_of_consecutive_slots_while_the_cache_churns(tiny):
+    """With the pool full of cached prefixes that keep being evicted, a running request's own KV (what
+    it computed past its cached prefix) still lies in consecutive slots: attention streams it."""
+    s = tiny(max_total_tokens=1024, max_running_requests=8, chunked_prefill_size=64)
+    own = {}
+
+    def check(s, step, run):
+        for r in s.running:
+            own[r.rid] = s.kv.pool.req_to_token[r.row, r.cached_tokens:r.num_computed].tolist()
+
+    reqs = [req(f"r{i}", rand_ids(40 + i % 50, seed=100 + i), greedy(24 + i % 16, ignore_eos=True))
+            for i in range(60)]
+    drive(s, reqs, before_step=check)
+    assert s.kv.cached_tokens() > 1024 // 2  # the cache filled the pool (6,000 tokens computed)
+    breaks = {rid: sum(b != a + 1 for a, b in zip(slots, slots[1:])) for rid, slots in own.items()}
+    # A break where a request's reservation (64 slots) ran out or the free runs were too short; the
+    # previous allocator broke the run at every decode token (one slot per running request per step).
+    assert sum(breaks.values()) <= sum(len(slots) for slots in own.values()) // 32, breaks
+
+
 def test_radix_cache_disabled_reports_nothing_cached(tiny, monkeypatch):
     prompt = rand_ids(80, seed=20)
     s = tiny(disable_radix_cache=True)
