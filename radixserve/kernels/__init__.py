@@ -72,10 +72,16 @@ def exponential_race() -> Callable | None:
 
 
 def gguf_matmul() -> Callable | None:
-    """gguf_matmul.cpp: (x [T, K], weight uint8 [N, K / 32 * block bytes], GGML type id, isa) → x @ Wᵀ
-    [T, N] in x's dtype, for Q4_0, Q4_1 and Q8_0 blocks; isa 0 picks the best the CPU has (gguf_isa)."""
+    """gguf_matmul.cpp: (x [T, K], weight uint8 [N, row bytes], GGML type id, isa) → x @ Wᵀ [T, N] in x's
+    dtype, for Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K blocks; isa 0 picks the best the CPU has (gguf_isa)."""
     module = _module()
     return None if module is None else module.gguf_matmul
+
+
+def build_tag() -> str:
+    """This CPU (model and features) and these kernel sources, as one short hash: what a measurement of
+    the kernels' speed holds for."""
+    return _build_tag()
 
 
 def gguf_isa() -> int:

@@ -7,24 +7,76 @@
 template <int64_t kFormat>
 constexpr bool kBySign = kFormat == kQ8_0 && !kVnni;
 
-// (d, c) of a block: w = d * u + c (c = 0 where kBySign: no offset to undo).
+// (d, c) of block b of a row, w = d * u + c: one pair, or one per half (kHalves; c unused where kBySign:
+// no offset to undo).
+struct Scale {
+  float d0, c0, d1, c1;
+};
+
 template <int64_t kFormat>
-inline void scales(const uint8_t* blk, float* d, float* c) {
+inline Scale scales(const uint8_t* row, int64_t b) {
+  Scale s{};
+  if constexpr (kFormat >= kQ4_K) {
+    const uint8_t* sup = row + b / 8 * block_bytes(kFormat);
+    const int64_t j = b % 8;
+    if constexpr (kFormat == kQ6_K) {
+      uint16_t bits;
+      std::memcpy(&bits, sup + 208, sizeof bits);
+      const float d = _cvtsh_ss(bits);
+      const int8_t* scale = reinterpret_cast<const int8_t*>(sup + 192) + 8 * (j / 4) + 2 * (j % 4);
+      s.d0 = d * static_cast<float>(scale[0]);
+      s.d1 = d * static_cast<float>(scale[1]);
+      s.c0 = -32.0f * s.d0;
+      s.c1 = -32.0f * s.d1;
+    } else {
+      int32_t scale, min;
+      scale_min_k4(sup + 4, j, &scale, &min);
+      uint16_t bits[2];
+      std::memcpy(bits, sup, sizeof bits);
+      s.d0 = _cvtsh_ss(bits[0]) * static_cast<float>(scale);
+      s.c0 = -_cvtsh_ss(bits[1]) * static_cast<float>(min);
+    }
+    return s;
+  }
+  const uint8_t* blk = row + b * block_bytes(kFormat);
   uint16_t bits[2];
   std::memcpy(bits, blk, sizeof bits);
-  *d = _cvtsh_ss(bits[0]);
-  if constexpr (kFormat == kQ4_1) *c = _cvtsh_ss(bits[1]);
-  else if constexpr (kFormat == kQ4_0) *c = -8.0f * *d;
-  else *c = kBySign<kFormat> ? 0.0f : -128.0f * *d;
+  s.d0 = _cvtsh_ss(bits[0]);
+  if constexpr (kFormat == kQ4_1) s.c0 = _cvtsh_ss(bits[1]);
+  else if constexpr (kFormat == kQ4_0) s.c0 = -8.0f * s.d0;
+  else s.c0 = kBySign<kFormat> ? 0.0f : -128.0f * s.d0;
+  return s;
 }
 
-// The block's 32 values in element order: u, or q itself where kBySign.
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Each byte of v shifted right by `bits` and masked (a 16-bit shift: the bits it moves across a byte
+// boundary are masked off).
+inline __m256i bits_at(__m256i v, int64_t bits, int8_t mask) {
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi64_si128(bits)), _mm256_set1_epi8(mask));
+}
+
+// Block b's 32 values in element order: u, or q itself where kBySign.
 template <int64_t kFormat>
-inline __m256i values(const uint8_t* blk) {
-  if constexpr (kFormat == kQ8_0) {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+inline __m256i values(const uint8_t* row, int64_t b) {
+  if constexpr (kFormat >= kQ4_K) {
+    const uint8_t* sup = row + b / 8 * block_bytes(kFormat);
+    const int64_t j = b % 8;
+    if constexpr (kFormat == kQ6_K) {
+      const int64_t half = j / 4, k = j % 4;
+      const __m256i low = bits_at(load32(sup + 64 * half + 32 * (k % 2)), 4 * (k / 2), 0x0F);
+      const __m256i high = bits_at(load32(sup + 128 + 32 * half), 2 * k, 3);
+      return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+    } else {
+      const __m256i low = bits_at(load32(sup + (kFormat == kQ5_K ? 48 : 16) + 32 * (j / 2)), 4 * (j % 2), 0x0F);
+      if constexpr (kFormat == kQ4_K) return low;
+      else return _mm256_or_si256(low, _mm256_slli_epi16(bits_at(load32(sup + 16), j, 1), 4));
+    }
+  } else if constexpr (kFormat == kQ8_0) {
+    const __m256i q = load32(row + b * block_bytes(kFormat) + 2);
     return kBySign<kFormat> ? q : _mm256_xor_si256(q, _mm256_set1_epi8(-128));
   } else {
+    const uint8_t* blk = row + b * block_bytes(kFormat);
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (kFormat == kQ4_1 ? 4 : 2)));
     const __m128i low = _mm_set1_epi8(0x0F);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
@@ -52,12 +104,20 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One block into the token's accumulator.
+// One block into the token's accumulator. The 8 partial sums of block_dot are 4 bytes each, in order:
+// the first four cover the first half of the block.
 template <int64_t kFormat>
-inline void accumulate(__m256i u, float d, float c, const QuantX& x, int64_t xb, __m256& acc, float& corr) {
+inline void accumulate(__m256i u, const Scale& s, const QuantX& x, int64_t xb, __m256& acc, float& corr) {
   const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + xb * kBlock));
-  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot<kFormat>(u, q)), _mm256_set1_ps(d * x.d[xb]), acc);
-  if constexpr (!kBySign<kFormat>) corr += c * x.s[xb];
+  const __m256 dot = _mm256_cvtepi32_ps(block_dot<kFormat>(u, q));
+  if constexpr (kHalves<kFormat>) {
+    const float dx = x.d[xb];
+    acc = _mm256_fmadd_ps(dot, _mm256_set_m128(_mm_set1_ps(s.d1 * dx), _mm_set1_ps(s.d0 * dx)), acc);
+    corr += s.c0 * x.h[2 * xb] + s.c1 * x.h[2 * xb + 1];
+  } else {
+    acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(s.d0 * x.d[xb]), acc);
+    if constexpr (!kBySign<kFormat>) corr += s.c0 * x.s[xb];
+  }
 }
 
 // y[t, n] for the rows n in [n0, n1) and every t. Blocks alternate between two accumulators per token,
@@ -65,9 +125,9 @@ inline void accumulate(__m256i u, float d, float c, const QuantX& x, int64_t xb,
 template <int64_t kFormat>
 void rows(const uint8_t* w, int64_t nb, const QuantX& x, int64_t tokens, float* y, int64_t n_total,
           int64_t n0, int64_t n1) {
-  constexpr int64_t bytes = block_bytes(kFormat);
+  const int64_t row_bytes = nb * kBlock / block_weights(kFormat) * block_bytes(kFormat);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * nb * bytes;
+    const uint8_t* row = w + n * row_bytes;
     for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
       const int64_t tt = std::min(kTile, tokens - t0);
       __m256 even[kTile], odd[kTile];
@@ -75,21 +135,18 @@ void rows(const uint8_t* w, int64_t nb, const QuantX& x, int64_t tokens, float* 
       for (int64_t i = 0; i < kTile; ++i) even[i] = odd[i] = _mm256_setzero_ps();
       int64_t b = 0;
       for (; b + 2 <= nb; b += 2) {
-        float d0, c0, d1, c1;
-        scales<kFormat>(row + b * bytes, &d0, &c0);
-        scales<kFormat>(row + (b + 1) * bytes, &d1, &c1);
-        const __m256i u0 = values<kFormat>(row + b * bytes), u1 = values<kFormat>(row + (b + 1) * bytes);
+        const Scale s0 = scales<kFormat>(row, b), s1 = scales<kFormat>(row, b + 1);
+        const __m256i u0 = values<kFormat>(row, b), u1 = values<kFormat>(row, b + 1);
         for (int64_t i = 0; i < tt; ++i) {
           const int64_t xb = (t0 + i) * nb + b;
-          accumulate<kFormat>(u0, d0, c0, x, xb, even[i], corr[i]);
-          accumulate<kFormat>(u1, d1, c1, x, xb + 1, odd[i], corr[i]);
+          accumulate<kFormat>(u0, s0, x, xb, even[i], corr[i]);
+          accumulate<kFormat>(u1, s1, x, xb + 1, odd[i], corr[i]);
         }
       }
       if (b < nb) {
-        float d, c;
-        scales<kFormat>(row + b * bytes, &d, &c);
-        const __m256i u = values<kFormat>(row + b * bytes);
-        for (int64_t i = 0; i < tt; ++i) accumulate<kFormat>(u, d, c, x, (t0 + i) * nb + b, even[i], corr[i]);
+        const Scale s = scales<kFormat>(row, b);
+        const __m256i u = values<kFormat>(row, b);
+        for (int64_t i = 0; i < tt; ++i) accumulate<kFormat>(u, s, x, (t0 + i) * nb + b, even[i], corr[i]);
       }
       for (int64_t i = 0; i < tt; ++i) y[(t0 + i) * n_total + n] = hsum(_mm256_add_ps(even[i], odd[i])) + corr[i];
     }

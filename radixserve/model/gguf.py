@@ -104,13 +104,15 @@ def iter_weights(reader: GGUFReader, cfg: dict, dtype: torch.dtype) -> Iterator[
 
 # Block types that kernels/gguf_matmul.cpp multiplies as stored, and the tensors kept that way: the
 # projections and the output head (the token embedding where it is tied).
-BLOCK_TYPES = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0}
+BLOCK_TYPES = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0,
+               GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
 _PROJECTIONS = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
 
 
-def iter_block_weights(reader: GGUFReader, cfg: dict) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(HF name, (blocks uint8 [N, K / 32 * block bytes], block type per row int8 [N])) of each projection
-    and output-head weight stored in a BLOCK_TYPES format: the file's bytes, rows in HF's order."""
+def iter_block_weights(reader: GGUFReader, cfg: dict) -> Iterator[tuple[str, list[tuple[torch.Tensor, int]]]]:
+    """(HF name, [(blocks uint8 [N, row bytes], GGML type)]) of each projection and output-head weight
+    stored in a BLOCK_TYPES format: the file's bytes, rows in HF's order (one segment; fusing joins
+    them, see formats/gguf_blocks.py)."""
     llama_layout = cfg["model_type"] == "llama"
     head = "output.weight" if "output.weight" in {t.name for t in reader.tensors} else "token_embd.weight"
     for t in reader.tensors:
@@ -128,8 +130,8 @@ def iter_block_weights(reader: GGUFReader, cfg: dict) -> Iterator[tuple[str, tup
             rows = _unpermute_rotary(rows, cfg["num_attention_heads"])
         elif llama_layout and ".attn_k." in t.name:
             rows = _unpermute_rotary(rows, cfg["num_key_value_heads"])
-        kind = torch.full((rows.shape[0],), int(t.tensor_type), dtype=torch.int8)
-        yield name, (torch.from_numpy(np.array(rows, order="C", copy=True)), kind)  # a copy: the file is mmapped
+        # A copy: the file is mmapped.
+        yield name, [(torch.from_numpy(np.array(rows, order="C", copy=True)), int(t.tensor_type))]
 
 
 def chat_template(reader: GGUFReader) -> str | None:

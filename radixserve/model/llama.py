@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixserve.model.attention import AttentionMetadata, paged_attention
-from radixserve.model.formats import DENSE, GGUFBlocks, Packed, WeightMethod
+from radixserve.model.formats import DENSE, GGUFBlocks, Packed, Segment, WeightMethod, calibrate, join_segments
 from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
 from radixserve.model.weights import Target, fused, load_checkpoint
 
@@ -168,26 +168,29 @@ class LlamaForCausalLM(nn.Module):
         """Copy HF-named weights in, fusing q/k/v and gate/up; every parameter must be covered."""
         load_checkpoint(self, weights, self._rename)
 
-    def load_gguf_blocks(self, weights: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor]]],
-                         max_tokens: int) -> int:
-        """Give the linears (and the output head) whose weight comes whole as GGUF blocks of one type the
-        block method (see formats/gguf_blocks.py) for steps of at most max_tokens tokens, wrapping the
-        method they had for the larger steps; returns how many got one."""
+    def load_gguf_blocks(self, weights: Iterable[tuple[str, list[Segment]]], max_tokens: int | None,
+                         cache_path: str | None = None) -> dict:
+        """Give the linears (and the output head) whose weight comes whole as GGUF blocks the block method
+        (see formats/gguf_blocks.py) for steps of at most max_tokens tokens (None: as many as this CPU
+        measures the kernel faster for, per weight shape; measurements kept in cache_path), wrapping the
+        method they had for the larger steps. Returns {weight name: max_tokens}."""
         modules = dict(self.named_modules())
         head = "lm_head.weight" if self.lm_head is not None else "embed_tokens.weight"  # the parameter's name
-        count = 0
-        for _, name, (blocks, kinds) in fused(weights, self._rename, strict=False):
-            if kinds.min() != kinds.max():
-                continue  # fused pieces of different block types: this layer keeps its method
+        layers: dict[str, tuple[GGUFBlocks, torch.Tensor]] = {}
+        for _, name, segments in fused(weights, self._rename, strict=False, concat=join_segments):
             if name == head:
-                self.head_method = GGUFBlocks(blocks, int(kinds[0]), max_tokens, base=self.head_method)
+                self.head_method = GGUFBlocks(segments, max_tokens or 0, base=self.head_method)
+                layers[name] = (self.head_method, self._head_weight())
             else:
                 linear = modules[name.removesuffix(".weight")]
-                if blocks.shape[0] != linear.weight.shape[0]:
-                    raise ValueError(f"GGUF weight {name}: {blocks.shape[0]} rows != {linear.weight.shape[0]}")
-                linear.method = GGUFBlocks(blocks, int(kinds[0]), max_tokens, base=linear.method)
-            count += 1
-        return count
+                rows = sum(blocks.shape[0] for blocks, _ in segments)
+                if rows != linear.weight.shape[0]:
+                    raise ValueError(f"GGUF weight {name}: {rows} rows != {linear.weight.shape[0]}")
+                linear.method = GGUFBlocks(segments, max_tokens or 0, base=linear.method)
+                layers[name] = (linear.method, linear.weight)
+        if max_tokens is None:
+            calibrate(list(layers.values()), cache_path)
+        return {name: method.max_tokens for name, (method, _) in layers.items()}
 
     # layers.{i}.self_attn.q_proj.weight → piece 0 of layers.{i}.qkv_proj.weight
     _FUSED = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_proj": ("qkv_proj", 2, 3),

@@ -72,8 +72,8 @@ def iter_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Ten
                 yield name, f.get_tensor(name).to(dtype)
 
 
-def iter_block_weights(path: str) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(HF name, (blocks, block type per row)) for every GGUF weight that stays in its block format
-    (see model/gguf.py iter_block_weights)."""
+def iter_block_weights(path: str) -> Iterator[tuple[str, list[tuple[torch.Tensor, int]]]]:
+    """(HF name, [(blocks, GGML type)]) for every GGUF weight that stays in its block format (see
+    model/gguf.py iter_block_weights)."""
     reader = gguf_reader(path)
     yield from gguf_file.iter_block_weights(reader, gguf_file.read_config(reader))

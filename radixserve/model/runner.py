@@ -12,7 +12,7 @@ from torch import nn
 
 from radixserve import kernels
 from radixserve.cache.kv_pool import KVPool
-from radixserve.config import ServerArgs
+from radixserve.config import ServerArgs, cache_dir
 from radixserve.kernels.matmul import can_pack
 from radixserve.model.attention import AttentionMetadata
 from radixserve.model.layers import RotaryEmbedding
@@ -126,10 +126,15 @@ class ModelRunner:
         model.load_weights((name, w.to(self.device)) for name, w in iter_weights(path, self.dtype))
         if can_pack(self.device, self.dtype):
             model.pack_weights()
-        if self._int4_tokens and is_gguf(path) and self.device.type == "cpu":
-            count = model.load_gguf_blocks(iter_block_weights(path), self._int4_tokens)
-            if count:
-                logger.info("GGUF blocks kept for %d weights (steps of <= %d tokens)", count, self._int4_tokens)
+        if self._int4_tokens != 0 and is_gguf(path) and self.device.type == "cpu":
+            start = time.perf_counter()
+            steps = model.load_gguf_blocks(iter_block_weights(path), self._int4_tokens,
+                                           os.path.join(cache_dir(), "gguf_block_steps.json"))
+            if steps:
+                how = "set by --int4-decode-tokens" if self._int4_tokens else \
+                    f"measured on this CPU, or read from what was: {time.perf_counter() - start:.1f}s"
+                logger.info("GGUF blocks kept for %d weights, multiplied as stored in steps of at most %s tokens (%s)",
+                            len(steps), "/".join(str(n) for n in sorted(set(steps.values()))), how)
         return model.eval().requires_grad_(False)
 
     def _lora_buffers(self, args: ServerArgs):

@@ -12,11 +12,12 @@ Target = str | tuple[str, int, int] | None
 T = TypeVar("T", torch.Tensor, tuple[torch.Tensor, ...])
 
 
-def fused(weights: Iterable[tuple[str, T]], rename: Callable[[str], Target],
-          strict: bool = True) -> Iterator[tuple[str, str, T]]:
+def fused(weights: Iterable[tuple[str, T]], rename: Callable[[str], Target], strict: bool = True,
+          concat: Callable[[list[T]], T] | None = None) -> Iterator[tuple[str, str, T]]:
     """(checkpoint name, parameter name, value) with the pieces of a fused parameter concatenated along
-    the output dimension (a value may be a tuple of tensors: each is concatenated). A fused parameter
-    some of whose pieces never come is a ValueError when strict, else left out."""
+    the output dimension (a value may be a tuple of tensors: each is concatenated; other values are
+    joined by concat). A fused parameter some of whose pieces never come is a ValueError when strict,
+    else left out."""
     pending: dict[str, dict[int, T]] = {}
     for source, value in weights:
         target = rename(source)
@@ -30,7 +31,12 @@ def fused(weights: Iterable[tuple[str, T]], rename: Callable[[str], Target],
                 continue
             parts = [group[i] for i in range(count)]
             del pending[name]
-            value = (tuple(torch.cat(p) for p in zip(*parts)) if isinstance(value, tuple) else torch.cat(parts))
+            if concat is not None:
+                value = concat(parts)
+            elif isinstance(value, tuple):
+                value = tuple(torch.cat(p) for p in zip(*parts))
+            else:
+                value = torch.cat(parts)
             yield source, name, value
         else:
             yield source, target, value

@@ -13,8 +13,10 @@ GREEDY = {"max_new_tokens": 12, "temperature": 0}
 @pytest.fixture(scope="module")
 def engine():
     # float32: greedy outputs are then exactly batch-invariant and comparable with transformers
-    # (bfloat16 GEMMs accumulate in an order that depends on the batch size).
-    with radixserve.Engine(max_total_tokens=16384, max_running_requests=16, random_seed=0, dtype="float32") as e:
+    # (bfloat16 GEMMs accumulate in an order that depends on the batch size). Prompts (over 4 tokens) run
+    # on the dequantised weights as transformers does; decode steps multiply the GGUF's blocks.
+    with radixserve.Engine(max_total_tokens=16384, max_running_requests=16, random_seed=0, dtype="float32",
+                           int4_decode_tokens=4) as e:
         yield e
 
 

@@ -28,11 +28,12 @@ POOL = 160
 
 
 class LoRARun:
-    """A float32 runner + LoRA manager driven step by step the way the scheduler drives them."""
+    """A float32 runner + LoRA manager driven step by step the way the scheduler drives them. A GGUF base
+    multiplies its dequantised weights at every step size (int4_decode_tokens 0): the oracle's arithmetic."""
 
     def __init__(self, base: str, adapters: dict[str, str], **kw):
-        args = ServerArgs(model_path=base, dtype="float32", device="cpu", max_total_tokens=POOL,
-                          max_running_requests=8, lora_paths=[f"{n}={p}" for n, p in adapters.items()], **kw)
+        args = ServerArgs(model_path=base, dtype="float32", device="cpu", max_total_tokens=POOL, max_running_requests=8,
+                          lora_paths=[f"{n}={p}" for n, p in adapters.items()], int4_decode_tokens=0, **kw)
         self.runner = ModelRunner(args)
         g = torch.Generator().manual_seed(123)  # noise in the pool: wrong reads must show
         for cache in (self.runner.kv.k, self.runner.kv.v):

@@ -10,6 +10,7 @@ differences are float32 op order):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from gguf.quants import dequantize, quantize
 
 from radixserve.config import ServerArgs
 from radixserve.model.attention import AttentionMetadata, AttnGroup
-from radixserve.model.formats import GGUFBlocks
+from radixserve.model.formats import GGUFBlocks, kquants
+from radixserve.model.formats.gguf_blocks import CALIBRATION_STEPS
 from radixserve.model.loader import load_model_config
 from radixserve.model.runner import ModelInput, ModelRunner
 
@@ -32,8 +34,9 @@ BLOCK_RTOL = 8e-2
 
 
 def make_runner(path: str, tokens: int = 64) -> ModelRunner:
-    return ModelRunner(ServerArgs(model_path=path, dtype="float32", device="cpu",
-                                  max_total_tokens=tokens, max_running_requests=2))
+    """Steps of up to 4 tokens take the block kernel (fixed here; the server measures where it pays)."""
+    return ModelRunner(ServerArgs(model_path=path, dtype="float32", device="cpu", max_total_tokens=tokens,
+                                  max_running_requests=2, int4_decode_tokens=4))
 
 
 @torch.no_grad()
@@ -120,7 +123,7 @@ def test_block_steps_match_transformers(default_model, real_hf, tokenizer):
                                     max_running_requests=2, int4_decode_tokens=len(ids)))
     methods = block_methods(runner)
     assert all(isinstance(m, GGUFBlocks) for m in methods)
-    assert {m.ggml_type for m in methods} == {int(Q.Q4_1), int(Q.Q8_0)}
+    assert set().union(*(m.ggml_types for m in methods)) == {int(Q.Q4_1), int(Q.Q8_0)}
     ours = prefill_logits(runner, ids)
     with torch.no_grad():
         ref = real_hf(ids[None]).logits[0].float()
@@ -133,6 +136,17 @@ def test_block_steps_match_transformers(default_model, real_hf, tokenizer):
     assert abs(nll(ours) - nll(ref)) < 0.05
 
 
+def test_block_step_sizes_measured_at_start(default_model):
+    """Without --int4-decode-tokens, each weight's block method serves the step sizes at which this CPU
+    measured the kernel faster than the dense path, once per shape and format."""
+    runner = ModelRunner(ServerArgs(model_path=default_model, dtype="float32", device="cpu", max_total_tokens=64,
+                                    max_running_requests=2))
+    methods = block_methods(runner)
+    assert all(isinstance(m, GGUFBlocks) and m.max_tokens in {0, *CALIBRATION_STEPS} for m in methods)
+    for proj in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+        assert len({getattr(layer, proj).method.max_tokens for layer in runner.model.layers}) == 1
+
+
 def test_deterministic_inference_keeps_one_arithmetic(default_model):
     """--enable-deterministic-inference: every step multiplies the dequantised weights, whatever its size."""
     runner = ModelRunner(ServerArgs(model_path=default_model, dtype="float32", device="cpu", max_total_tokens=64,
@@ -143,9 +157,33 @@ def test_deterministic_inference_keeps_one_arithmetic(default_model):
 # --- tiny GGUF files written here --------------------------------------------------------------------
 
 Q = GGMLQuantizationType
-HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB, CTX = 64, 128, 4, 2, 2, 256, 128
-HEAD_DIM = HIDDEN // HEADS
 EPS, THETA = 1e-5, 10000.0
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int = 64
+    inter: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    layers: int = 2
+    vocab: int = 256
+    ctx: int = 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+TINY = Dims()
+WIDE = Dims(hidden=256, inter=512)  # every matrix row a multiple of 256 weights, as K-quants need
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB, CTX = (TINY.hidden, TINY.inter, TINY.heads, TINY.kv_heads,
+                                                      TINY.layers, TINY.vocab, TINY.ctx)
+HEAD_DIM = TINY.head_dim
+
+
+def quantize_any(w: np.ndarray, qtype: Q) -> np.ndarray:
+    return kquants.quantize(w, qtype) if qtype in kquants.BYTES else quantize(w, qtype)
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -155,59 +193,63 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: str, qtype: Q, tied: bool, seed: int = 0, with_rope_freqs: bool = False,
-                    odd: tuple[str, Q] | None = None) -> dict[str, np.ndarray]:
+                    odd: tuple[str, Q] | None = None, dims: Dims = TINY,
+                    types: dict[str, Q] | None = None) -> dict[str, np.ndarray]:
     """A random 2-layer Llama as GGUF with every matrix stored as qtype (norms in F32, as llama.cpp
     does). Returns the HF-named float32 state dict transformers should see: each matrix is what
     quantising then dequantising it gives (row-wise blocks, so it commutes with the q/k row permutation,
     which is applied to the GGUF copy only). odd=(name, type): that tensor is stored as zero bytes
-    of another type instead."""
+    of another type instead. types: {part of a GGUF name: type} for the matrices stored otherwise (a
+    mixed file, as llama.cpp's Q4_K_M)."""
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(path, "llama")
-    writer.add_block_count(LAYERS)
-    writer.add_context_length(CTX)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(INTER)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
+    writer.add_block_count(dims.layers)
+    writer.add_context_length(dims.ctx)
+    writer.add_embedding_length(dims.hidden)
+    writer.add_feed_forward_length(dims.inter)
+    writer.add_head_count(dims.heads)
+    writer.add_head_count_kv(dims.kv_heads)
     writer.add_layer_norm_rms_eps(EPS)
     writer.add_rope_freq_base(THETA)
-    writer.add_vocab_size(VOCAB)
+    writer.add_vocab_size(dims.vocab)
     writer.add_eos_token_id(2)
     writer.add_bos_token_id(1)
     hf: dict[str, np.ndarray] = {}
 
     def matrix(gguf_name: str, hf_name: str, rows: int, cols: int, permute_heads: int = 0) -> None:
+        kind = next((t for part, t in (types or {}).items() if part in gguf_name), qtype)
         w = rng.normal(0, 0.2, (rows, cols)).astype(np.float32)
-        hf[hf_name] = dequantize(quantize(w, qtype), qtype).astype(np.float32).reshape(rows, cols)
+        hf[hf_name] = dequantize(quantize_any(w, kind), kind).astype(np.float32).reshape(rows, cols)
         stored = llama_cpp_permute(w, permute_heads) if permute_heads else w
         if odd is not None and odd[0] == gguf_name:
             block, nbytes = GGML_QUANT_SIZES[odd[1]]
             writer.add_tensor(gguf_name, np.zeros((rows, cols // block * nbytes), np.uint8), raw_dtype=odd[1])
             return
-        writer.add_tensor(gguf_name, quantize(stored, qtype), raw_dtype=qtype)
+        writer.add_tensor(gguf_name, quantize_any(stored, kind), raw_dtype=kind)
 
     def norm(gguf_name: str, hf_name: str) -> None:
-        w = (1.0 + rng.normal(0, 0.1, HIDDEN)).astype(np.float32)
+        w = (1.0 + rng.normal(0, 0.1, dims.hidden)).astype(np.float32)
         hf[hf_name] = w
         writer.add_tensor(gguf_name, w)
 
-    matrix("token_embd.weight", "model.embed_tokens.weight", VOCAB, HIDDEN)
-    for i in range(LAYERS):
+    d = dims
+    matrix("token_embd.weight", "model.embed_tokens.weight", d.vocab, d.hidden)
+    for i in range(d.layers):
         b, h = f"blk.{i}.", f"model.layers.{i}."
         norm(b + "attn_norm.weight", h + "input_layernorm.weight")
-        matrix(b + "attn_q.weight", h + "self_attn.q_proj.weight", HEADS * HEAD_DIM, HIDDEN, HEADS)
-        matrix(b + "attn_k.weight", h + "self_attn.k_proj.weight", KV_HEADS * HEAD_DIM, HIDDEN, KV_HEADS)
-        matrix(b + "attn_v.weight", h + "self_attn.v_proj.weight", KV_HEADS * HEAD_DIM, HIDDEN)
-        matrix(b + "attn_output.weight", h + "self_attn.o_proj.weight", HIDDEN, HEADS * HEAD_DIM)
+        matrix(b + "attn_q.weight", h + "self_attn.q_proj.weight", d.heads * d.head_dim, d.hidden, d.heads)
+        matrix(b + "attn_k.weight", h + "self_attn.k_proj.weight", d.kv_heads * d.head_dim, d.hidden, d.kv_heads)
+        matrix(b + "attn_v.weight", h + "self_attn.v_proj.weight", d.kv_heads * d.head_dim, d.hidden)
+        matrix(b + "attn_output.weight", h + "self_attn.o_proj.weight", d.hidden, d.heads * d.head_dim)
         norm(b + "ffn_norm.weight", h + "post_attention_layernorm.weight")
-        matrix(b + "ffn_gate.weight", h + "mlp.gate_proj.weight", INTER, HIDDEN)
-        matrix(b + "ffn_up.weight", h + "mlp.up_proj.weight", INTER, HIDDEN)
-        matrix(b + "ffn_down.weight", h + "mlp.down_proj.weight", HIDDEN, INTER)
+        matrix(b + "ffn_gate.weight", h + "mlp.gate_proj.weight", d.inter, d.hidden)
+        matrix(b + "ffn_up.weight", h + "mlp.up_proj.weight", d.inter, d.hidden)
+        matrix(b + "ffn_down.weight", h + "mlp.down_proj.weight", d.hidden, d.inter)
     norm("output_norm.weight", "model.norm.weight")
     if not tied:
-        matrix("output.weight", "lm_head.weight", VOCAB, HIDDEN)
+        matrix("output.weight", "lm_head.weight", d.vocab, d.hidden)
     if with_rope_freqs:  # llama3-style rope factors tensor: must be tolerated (and not change anything)
-        writer.add_tensor("rope_freqs.weight", np.ones(HEAD_DIM // 2, dtype=np.float32))
+        writer.add_tensor("rope_freqs.weight", np.ones(d.head_dim // 2, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -215,12 +257,13 @@ def write_tiny_gguf(path: str, qtype: Q, tied: bool, seed: int = 0, with_rope_fr
     return hf
 
 
-def hf_llama(state: dict[str, np.ndarray], tied: bool):
+def hf_llama(state: dict[str, np.ndarray], tied: bool, dims: Dims = TINY):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=EPS,
-                      rope_theta=THETA, max_position_embeddings=CTX, tie_word_embeddings=tied)
+    d = dims
+    cfg = LlamaConfig(vocab_size=d.vocab, hidden_size=d.hidden, intermediate_size=d.inter, num_hidden_layers=d.layers,
+                      num_attention_heads=d.heads, num_key_value_heads=d.kv_heads, rms_norm_eps=EPS,
+                      rope_theta=THETA, max_position_embeddings=d.ctx, tie_word_embeddings=tied)
     model = LlamaForCausalLM(cfg).to(torch.float32).eval()
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -263,12 +306,41 @@ def test_tiny_gguf_block_steps_match_transformers(tmp_path, qtype):
         state = write_tiny_gguf(path, qtype, tied, seed=int(qtype) + 1)
         runner = make_runner(path)
         methods = block_methods(runner)
-        assert all(isinstance(m, GGUFBlocks) and m.ggml_type == int(qtype) for m in methods)
+        assert all(isinstance(m, GGUFBlocks) and m.ggml_types == {int(qtype)} for m in methods)
         ids = torch.randint(0, VOCAB, (methods[0].max_tokens,), generator=torch.Generator().manual_seed(6))
         ours = prefill_logits(runner, ids)
         with torch.no_grad():
             ref = hf_llama(state, tied)(ids[None]).logits[0]
         assert_close_logits(ours, ref, BLOCK_RTOL)
+
+
+# llama.cpp's Q4_K_M: Q4_K, with the v and down projections and the output head in Q6_K (it does so for
+# some layers; here for all).
+Q4_K_M = {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K, "output": Q.Q6_K}
+
+
+@pytest.mark.parametrize("qtype, types", [(Q.Q4_K, None), (Q.Q5_K, None), (Q.Q6_K, None), (Q.Q4_K, Q4_K_M)],
+                         ids=["Q4_K", "Q5_K", "Q6_K", "Q4_K_M"])
+def test_tiny_k_quant_gguf_matches_transformers(tmp_path, qtype, types):
+    """K-quant files (rows of 256-weight super-blocks, blocks written by formats/kquants.py): a prompt
+    step (dense, dequantised weights) within TINY_RTOL of transformers, a short step (the block kernel,
+    fused q/k/v joining Q4_K and Q6_K rows in the mixed file) within BLOCK_RTOL; tied head and untied."""
+    for tied in (True, False):
+        path = str(tmp_path / f"tiny-{qtype.name}-{tied}.gguf")
+        state = write_tiny_gguf(path, qtype, tied, seed=int(qtype) + 2, dims=WIDE, types=types)
+        runner = make_runner(path)
+        model = hf_llama(state, tied, WIDE)
+        ids = torch.randint(0, WIDE.vocab, (24,), generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            assert_close_logits(prefill_logits(runner, ids), model(ids[None]).logits[0], TINY_RTOL)
+        methods = block_methods(runner)
+        assert all(isinstance(m, GGUFBlocks) for m in methods)
+        qkv = runner.model.layers[0].qkv_proj.method
+        expected = [int(qtype)] if types is None else [int(Q.Q4_K), int(Q.Q6_K)]
+        assert [t for _, t in qkv.segments] == expected
+        short = ids[: methods[0].max_tokens]
+        with torch.no_grad():
+            assert_close_logits(prefill_logits(runner, short), model(short[None]).logits[0], BLOCK_RTOL)
 
 
 def test_tiny_gguf_config(tmp_path):

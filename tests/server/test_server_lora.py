@@ -20,8 +20,9 @@ NAMES = ("attn", "mlp", "qv")
 
 @pytest.fixture(scope="module")
 def lora_server(launch_server, default_adapters, tmp_path_factory):
-    # Adapters may be loaded at run time from the test's temporary folders only.
-    flags = ["--dtype", "float32", "--enable-cache-report", "--max-loras-per-batch", "2", "--max-lora-rank", "16",
+    # Adapters may be loaded at run time from the test's temporary folders only. Prompts (over 4 tokens)
+    # run on the dequantised weights, as peft's reference does.
+    flags = ["--dtype", "float32", "--int4-decode-tokens", "4", "--enable-cache-report", "--max-loras-per-batch", "2", "--max-lora-rank", "16",
              "--lora-target-modules", "all", "--lora-paths", *[f"{n}={default_adapters[n]}" for n in NAMES],
              "--lora-allowed-dirs", str(tmp_path_factory.getbasetemp())]
     with launch_server(*flags) as s:
