@@ -102,6 +102,11 @@ class ServerArgs:
         None, "steps of at most this many tokens multiply a GGUF's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights in the file's "
               "own blocks, with 8-bit activations (CPU); default: per weight, the step sizes this CPU measures that "
               "faster at start-up; 0: never")
+    quantization: str | None = _flag(
+        None, "quantize an HF checkpoint's projections and output head at load into GGUF blocks of this type, which "
+              "steps of a few tokens multiply as stored (see --int4-decode-tokens; rows whose length the type's "
+              "blocks do not divide take q8_0); a GGUF file keeps its own types",
+        ("q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"))
     enable_deterministic_inference: bool = _flag(
         False, "one arithmetic for every step size, so that a request's tokens do not depend on what else is in "
                "its batch: the dequantised weights serve every step (--int4-decode-tokens is ignored)")
@@ -140,6 +145,11 @@ class ServerArgs:
             self.model_path = default_embedding_model_path() if self.is_embedding else default_model_path()
         if self.chunked_prefill_size < 1:
             raise ValueError(f"chunked_prefill_size must be >= 1, got {self.chunked_prefill_size}")
+        if self.quantization is not None and self.model_path.endswith(".gguf"):
+            raise ValueError("--quantization applies to HF checkpoints: a GGUF file keeps its own block types")
+        if self.quantization is not None and (self.int4_decode_tokens == 0 or self.enable_deterministic_inference):
+            raise ValueError("--quantization needs the block kernel, which --int4-decode-tokens 0 and "
+                             "--enable-deterministic-inference turn off")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if self.served_model_name is None:

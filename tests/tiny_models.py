@@ -22,11 +22,10 @@ def build_tiny_model(path: str, arch: str, tokenizer_dir: str | None = None, see
 
     kw = dict(TINY_CONFIGS[arch])
     model_type = kw.pop("model_type")
-    cfg = AutoConfig.for_model(
-        model_type, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        rope_theta=10000.0, eos_token_id=2, bos_token_id=1, **kw, **overrides,
-    )
+    kw = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+              eos_token_id=2, bos_token_id=1, **kw)
+    cfg = AutoConfig.for_model(model_type, **{**kw, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # random init is tiny; scale up so outputs differ across tokens

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixserve.model.attention import AttentionMetadata, paged_attention
-from radixserve.model.formats import DENSE, GGUFBlocks, Packed, Segment, WeightMethod, calibrate, join_segments
+from radixserve.model.formats import (DENSE, GGUFBlocks, Packed, Segment, WeightMethod, calibrate, join_segments,
+                                      quantize_weight)
 from radixserve.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
 from radixserve.model.weights import Target, fused, load_checkpoint
 
@@ -174,10 +175,25 @@ class LlamaForCausalLM(nn.Module):
         (see formats/gguf_blocks.py) for steps of at most max_tokens tokens (None: as many as this CPU
         measures the kernel faster for, per weight shape; measurements kept in cache_path), wrapping the
         method they had for the larger steps. Returns {weight name: max_tokens}."""
+        return self._install_blocks(((name, segments) for _, name, segments in
+                                     fused(weights, self._rename, strict=False, concat=join_segments)),
+                                    max_tokens, cache_path)
+
+    def quantize_blocks(self, ggml_type: int, max_tokens: int | None, cache_path: str | None = None) -> dict:
+        """The same for a checkpoint without blocks (--quantization): every linear's weight and the
+        output head's quantised into GGUF blocks of ggml_type here (see formats.quantize_weight)."""
+        head = "lm_head.weight" if self.lm_head is not None else "embed_tokens.weight"
+        weights = [(f"{name}.weight", module.weight) for name, module in self.named_modules() if isinstance(module, Linear)]
+        weights.append((head, self._head_weight()))
+        return self._install_blocks(((name, [quantize_weight(w, ggml_type)]) for name, w in weights),
+                                    max_tokens, cache_path)
+
+    def _install_blocks(self, weights: Iterable[tuple[str, list[Segment]]], max_tokens: int | None,
+                        cache_path: str | None) -> dict:
         modules = dict(self.named_modules())
         head = "lm_head.weight" if self.lm_head is not None else "embed_tokens.weight"  # the parameter's name
         layers: dict[str, tuple[GGUFBlocks, torch.Tensor]] = {}
-        for _, name, segments in fused(weights, self._rename, strict=False, concat=join_segments):
+        for name, segments in weights:
             if name == head:
                 self.head_method = GGUFBlocks(segments, max_tokens or 0, base=self.head_method)
                 layers[name] = (self.head_method, self._head_weight())

@@ -14,6 +14,7 @@ from radixserve import kernels
 from radixserve.cache.kv_pool import KVPool
 from radixserve.config import ServerArgs, cache_dir
 from radixserve.kernels.matmul import can_pack
+from radixserve.model.formats import QUANTIZATION_TYPES
 from radixserve.model.attention import AttentionMetadata
 from radixserve.model.layers import RotaryEmbedding
 from radixserve.model.loader import embedding_kind, is_gguf, iter_block_weights, iter_weights, load_architecture
@@ -104,7 +105,7 @@ class ModelRunner:
         start = time.perf_counter()
         # Block steps quantise activations to 8 bits: their tokens may differ from the dense path's.
         self._int4_tokens = 0 if args.enable_deterministic_inference else args.int4_decode_tokens
-        self.model = self._load(args.model_path)
+        self.model = self._load(args.model_path, args.quantization)
         logger.info("loaded %s (%s, %s) in %.1fs", os.path.basename(args.model_path), self.dtype,
                     self.device, time.perf_counter() - start)
         self.lora_kernel = None  # kernels.lora_add() when serving adapters on a CPU (_lora_buffers)
@@ -115,7 +116,7 @@ class ModelRunner:
         logger.info("KV pool: %d tokens", num_slots)
         self.decode_kernel = kernels.decode_attention() if self.device.type == "cpu" else None
 
-    def _load(self, path: str) -> nn.Module:
+    def _load(self, path: str, quantization: str | None) -> nn.Module:
         cfg = self.config
         with torch.device("meta"):
             model = self.architecture.model(cfg)
@@ -126,10 +127,13 @@ class ModelRunner:
         model.load_weights((name, w.to(self.device)) for name, w in iter_weights(path, self.dtype))
         if can_pack(self.device, self.dtype):
             model.pack_weights()
-        if self._int4_tokens != 0 and is_gguf(path) and self.device.type == "cpu":
+        if self._int4_tokens != 0 and (is_gguf(path) or quantization) and self.device.type == "cpu":
             start = time.perf_counter()
-            steps = model.load_gguf_blocks(iter_block_weights(path), self._int4_tokens,
-                                           os.path.join(cache_dir(), "gguf_block_steps.json"))
+            cache = os.path.join(cache_dir(), "gguf_block_steps.json")
+            if quantization:
+                steps = model.quantize_blocks(QUANTIZATION_TYPES[quantization], self._int4_tokens, cache)
+            else:
+                steps = model.load_gguf_blocks(iter_block_weights(path), self._int4_tokens, cache)
             if steps:
                 how = "set by --int4-decode-tokens" if self._int4_tokens else \
                     f"measured on this CPU, or read from what was: {time.perf_counter() - start:.1f}s"
