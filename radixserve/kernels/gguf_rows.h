@@ -7,37 +7,16 @@
 template <int64_t kFormat>
 constexpr bool kBySign = kFormat == kQ8_0 && !kVnni;
 
-// (d, c) of block b of a row, w = d * u + c: one pair, or one per half (kHalves; c unused where kBySign:
-// no offset to undo).
+// (d, c) of a block, w = d * u + c: one pair, or one per half (kHalves; c unused where kBySign: no
+// offset to undo).
 struct Scale {
   float d0, c0, d1, c1;
 };
 
+// Block b of a row of Q4_0, Q4_1 or Q8_0 (the K-quants: super_block).
 template <int64_t kFormat>
 inline Scale scales(const uint8_t* row, int64_t b) {
   Scale s{};
-  if constexpr (kFormat >= kQ4_K) {
-    const uint8_t* sup = row + b / 8 * block_bytes(kFormat);
-    const int64_t j = b % 8;
-    if constexpr (kFormat == kQ6_K) {
-      uint16_t bits;
-      std::memcpy(&bits, sup + 208, sizeof bits);
-      const float d = _cvtsh_ss(bits);
-      const int8_t* scale = reinterpret_cast<const int8_t*>(sup + 192) + 8 * (j / 4) + 2 * (j % 4);
-      s.d0 = d * static_cast<float>(scale[0]);
-      s.d1 = d * static_cast<float>(scale[1]);
-      s.c0 = -32.0f * s.d0;
-      s.c1 = -32.0f * s.d1;
-    } else {
-      int32_t scale, min;
-      scale_min_k4(sup + 4, j, &scale, &min);
-      uint16_t bits[2];
-      std::memcpy(bits, sup, sizeof bits);
-      s.d0 = _cvtsh_ss(bits[0]) * static_cast<float>(scale);
-      s.c0 = -_cvtsh_ss(bits[1]) * static_cast<float>(min);
-    }
-    return s;
-  }
   const uint8_t* blk = row + b * block_bytes(kFormat);
   uint16_t bits[2];
   std::memcpy(bits, blk, sizeof bits);
@@ -50,29 +29,10 @@ inline Scale scales(const uint8_t* row, int64_t b) {
 
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// Each byte of v shifted right by `bits` and masked (a 16-bit shift: the bits it moves across a byte
-// boundary are masked off).
-inline __m256i bits_at(__m256i v, int64_t bits, int8_t mask) {
-  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi64_si128(bits)), _mm256_set1_epi8(mask));
-}
-
-// Block b's 32 values in element order: u, or q itself where kBySign.
+// Block b of a row of Q4_0, Q4_1 or Q8_0: its 32 values in element order (u, or q itself where kBySign).
 template <int64_t kFormat>
 inline __m256i values(const uint8_t* row, int64_t b) {
-  if constexpr (kFormat >= kQ4_K) {
-    const uint8_t* sup = row + b / 8 * block_bytes(kFormat);
-    const int64_t j = b % 8;
-    if constexpr (kFormat == kQ6_K) {
-      const int64_t half = j / 4, k = j % 4;
-      const __m256i low = bits_at(load32(sup + 64 * half + 32 * (k % 2)), 4 * (k / 2), 0x0F);
-      const __m256i high = bits_at(load32(sup + 128 + 32 * half), 2 * k, 3);
-      return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-    } else {
-      const __m256i low = bits_at(load32(sup + (kFormat == kQ5_K ? 48 : 16) + 32 * (j / 2)), 4 * (j % 2), 0x0F);
-      if constexpr (kFormat == kQ4_K) return low;
-      else return _mm256_or_si256(low, _mm256_slli_epi16(bits_at(load32(sup + 16), j, 1), 4));
-    }
-  } else if constexpr (kFormat == kQ8_0) {
+  if constexpr (kFormat == kQ8_0) {
     const __m256i q = load32(row + b * block_bytes(kFormat) + 2);
     return kBySign<kFormat> ? q : _mm256_xor_si256(q, _mm256_set1_epi8(-128));
   } else {
@@ -80,6 +40,57 @@ inline __m256i values(const uint8_t* row, int64_t b) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (kFormat == kQ4_1 ? 4 : 2)));
     const __m128i low = _mm_set1_epi8(0x0F);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+  }
+}
+
+// A K-quant super-block's eight blocks at once: the scales unpacked once, every 32 bytes of nibbles
+// loaded once for the two blocks they hold, shifts by constants (Q5_K's fifth bits aside).
+template <int64_t kFormat>
+inline void super_block(const uint8_t* sup, __m256i* u, Scale* s) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (kFormat == kQ6_K) {
+    uint16_t bits;
+    std::memcpy(&bits, sup + 208, sizeof bits);
+    const float d = _cvtsh_ss(bits);
+    const int8_t* scale = reinterpret_cast<const int8_t*>(sup + 192);
+    const __m256i low2 = _mm256_set1_epi8(3);
+    for (int64_t half = 0; half < 2; ++half) {
+      const __m256i lo0 = load32(sup + 64 * half), lo1 = load32(sup + 64 * half + 32);
+      const __m256i hi = load32(sup + 128 + 32 * half);
+      const auto high = [&](__m256i h) { return _mm256_slli_epi16(_mm256_and_si256(h, low2), 4); };
+      u[4 * half] = _mm256_or_si256(_mm256_and_si256(lo0, low4), high(hi));
+      u[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(lo1, low4), high(_mm256_srli_epi16(hi, 2)));
+      u[4 * half + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo0, 4), low4), high(_mm256_srli_epi16(hi, 4)));
+      u[4 * half + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo1, 4), low4), high(_mm256_srli_epi16(hi, 6)));
+      for (int64_t k = 0; k < 4; ++k) {
+        Scale& t = s[4 * half + k];
+        t.d0 = d * static_cast<float>(scale[8 * half + 2 * k]);
+        t.d1 = d * static_cast<float>(scale[8 * half + 2 * k + 1]);
+        t.c0 = -32.0f * t.d0;
+        t.c1 = -32.0f * t.d1;
+      }
+    }
+  } else {
+    uint16_t bits[2];
+    std::memcpy(bits, sup, sizeof bits);
+    const float d = _cvtsh_ss(bits[0]), dmin = _cvtsh_ss(bits[1]);
+    for (int64_t j = 0; j < 8; ++j) {
+      int32_t scale, min;
+      scale_min_k4(sup + 4, j, &scale, &min);
+      s[j].d0 = d * static_cast<float>(scale);
+      s[j].c0 = -dmin * static_cast<float>(min);
+    }
+    const uint8_t* nibbles = sup + (kFormat == kQ5_K ? 48 : 16);
+    for (int64_t c = 0; c < 4; ++c) {
+      const __m256i raw = load32(nibbles + 32 * c);
+      u[2 * c] = _mm256_and_si256(raw, low4);
+      u[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+    }
+    if constexpr (kFormat == kQ5_K) {  // bit j of each of the 32 bytes: element l's fifth bit in block j
+      const __m256i fifth = load32(sup + 16), one = _mm256_set1_epi8(1);
+      for (int64_t j = 0; j < 8; ++j)
+        u[j] = _mm256_or_si256(u[j], _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(fifth, _mm_cvtsi64_si128(j)), one), 4));
+    }
   }
 }
 
@@ -133,6 +144,22 @@ void rows(const uint8_t* w, int64_t nb, const QuantX& x, int64_t tokens, float* 
       __m256 even[kTile], odd[kTile];
       float corr[kTile] = {};
       for (int64_t i = 0; i < kTile; ++i) even[i] = odd[i] = _mm256_setzero_ps();
+      if constexpr (kFormat >= kQ4_K) {
+        __m256i u[8];
+        Scale s[8];
+        for (int64_t b = 0; b < nb; b += 8) {
+          super_block<kFormat>(row + b / 8 * block_bytes(kFormat), u, s);
+          for (int64_t i = 0; i < tt; ++i) {
+            const int64_t xb = (t0 + i) * nb + b;
+            for (int64_t j = 0; j < 8; j += 2) {
+              accumulate<kFormat>(u[j], s[j], x, xb + j, even[i], corr[i]);
+              accumulate<kFormat>(u[j + 1], s[j + 1], x, xb + j + 1, odd[i], corr[i]);
+            }
+          }
+        }
+        for (int64_t i = 0; i < tt; ++i) y[(t0 + i) * n_total + n] = hsum(_mm256_add_ps(even[i], odd[i])) + corr[i];
+        continue;
+      }
       int64_t b = 0;
       for (; b + 2 <= nb; b += 2) {
         const Scale s0 = scales<kFormat>(row, b), s1 = scales<kFormat>(row, b + 1);
