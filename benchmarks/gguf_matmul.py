@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from radixserve import kernels  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     print("|---|---|" + "---|" * len(cols))
     for name, (n, k, kind) in MODELS[ns.model].items():
         w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32) * 0.05
-        data = kquants.quantize(w, kind) if kind in kquants.BYTES else quantize(w, kind)
+        data = kquants.quantize(w, kind)
         blocks = torch.from_numpy(np.ascontiguousarray(data))
         dense = torch.from_numpy(dequantize(data, kind).astype(np.float32)).reshape(n, k)
         int4 = None

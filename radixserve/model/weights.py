@@ -9,15 +9,14 @@ from torch import nn
 # What a model makes of a checkpoint name: None (skip it), its parameter's name, or
 # (fused parameter name, piece index, number of pieces) for e.g. q/k/v concatenated into one qkv weight.
 Target = str | tuple[str, int, int] | None
-T = TypeVar("T", torch.Tensor, tuple[torch.Tensor, ...])
+T = TypeVar("T")
 
 
 def fused(weights: Iterable[tuple[str, T]], rename: Callable[[str], Target], strict: bool = True,
-          concat: Callable[[list[T]], T] | None = None) -> Iterator[tuple[str, str, T]]:
-    """(checkpoint name, parameter name, value) with the pieces of a fused parameter concatenated along
-    the output dimension (a value may be a tuple of tensors: each is concatenated; other values are
-    joined by concat). A fused parameter some of whose pieces never come is a ValueError when strict,
-    else left out."""
+          concat: Callable[[list[T]], T] = torch.cat) -> Iterator[tuple[str, str, T]]:
+    """(checkpoint name, parameter name, value) with the pieces of a fused parameter joined by concat
+    (tensors: concatenated along the output dimension). A fused parameter some of whose pieces never
+    come is a ValueError when strict, else left out."""
     pending: dict[str, dict[int, T]] = {}
     for source, value in weights:
         target = rename(source)
@@ -31,13 +30,7 @@ def fused(weights: Iterable[tuple[str, T]], rename: Callable[[str], Target], str
                 continue
             parts = [group[i] for i in range(count)]
             del pending[name]
-            if concat is not None:
-                value = concat(parts)
-            elif isinstance(value, tuple):
-                value = tuple(torch.cat(p) for p in zip(*parts))
-            else:
-                value = torch.cat(parts)
-            yield source, name, value
+            yield source, name, concat(parts)
         else:
             yield source, target, value
     if pending and strict:

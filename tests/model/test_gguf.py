@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
 
 from radixserve.config import ServerArgs
 from radixserve.model.attention import AttentionMetadata, AttnGroup
@@ -182,10 +182,6 @@ HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB, CTX = (TINY.hidden, TINY.inter, T
 HEAD_DIM = TINY.head_dim
 
 
-def quantize_any(w: np.ndarray, qtype: Q) -> np.ndarray:
-    return kquants.quantize(w, qtype) if qtype in kquants.BYTES else quantize(w, qtype)
-
-
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """How llama.cpp's converter stores Llama q/k rows (interleaved rotary pairs)."""
     rows, cols = w.shape
@@ -219,13 +215,13 @@ def write_tiny_gguf(path: str, qtype: Q, tied: bool, seed: int = 0, with_rope_fr
     def matrix(gguf_name: str, hf_name: str, rows: int, cols: int, permute_heads: int = 0) -> None:
         kind = next((t for part, t in (types or {}).items() if part in gguf_name), qtype)
         w = rng.normal(0, 0.2, (rows, cols)).astype(np.float32)
-        hf[hf_name] = dequantize(quantize_any(w, kind), kind).astype(np.float32).reshape(rows, cols)
+        hf[hf_name] = dequantize(kquants.quantize(w, kind), kind).astype(np.float32).reshape(rows, cols)
         stored = llama_cpp_permute(w, permute_heads) if permute_heads else w
         if odd is not None and odd[0] == gguf_name:
             block, nbytes = GGML_QUANT_SIZES[odd[1]]
             writer.add_tensor(gguf_name, np.zeros((rows, cols // block * nbytes), np.uint8), raw_dtype=odd[1])
             return
-        writer.add_tensor(gguf_name, quantize_any(stored, kind), raw_dtype=kind)
+        writer.add_tensor(gguf_name, kquants.quantize(stored, kind), raw_dtype=kind)
 
     def norm(gguf_name: str, hf_name: str) -> None:
         w = (1.0 + rng.normal(0, 0.1, dims.hidden)).astype(np.float32)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
 
 from kernel_util import built_kernel
 from radixserve import kernels
@@ -49,8 +49,7 @@ def isa_params():
 
 def blocks_of(w: np.ndarray, kind: Q) -> tuple[torch.Tensor, torch.Tensor]:
     """(the file's bytes [N, row bytes], the dequantised weight [N, K] float64)."""
-    data = kquants.quantize(w, kind) if kind in K_TYPES else quantize(w, kind)
-    return as_blocks(data, kind)
+    return as_blocks(kquants.quantize(w, kind), kind)
 
 
 def as_blocks(data: np.ndarray, kind: Q) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,11 +12,13 @@ import time
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from gguf.quants import quantize
 
 from radixserve import kernels
+from radixserve.config import QUANTIZATIONS
 from radixserve.model.formats import kquants
 from radixserve.model.formats.dense import DENSE
+
+logger = logging.getLogger(__name__)
 
 # Rows of a weight in one block type: (blocks uint8 [rows, row bytes], GGML type id). A fused weight
 # (q/k/v, gate/up) may join pieces of different types: llama.cpp's Q4_K_M files store some v
@@ -35,16 +37,11 @@ def join_segments(pieces: list[list[Segment]]) -> list[Segment]:
     return out
 
 
-logger = logging.getLogger(__name__)
-
 # Step sizes the start-up measurement tries (see calibrate): decode steps of 1 to 64 requests.
 CALIBRATION_STEPS = (1, 2, 4, 8, 16, 32, 64)
 
-
 # --quantization's names for the block types.
-QUANTIZATION_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
-                      "q4_1": GGMLQuantizationType.Q4_1, "q4_k": GGMLQuantizationType.Q4_K,
-                      "q5_k": GGMLQuantizationType.Q5_K, "q6_k": GGMLQuantizationType.Q6_K}
+QUANTIZATION_TYPES = {name: GGMLQuantizationType[name.upper()] for name in QUANTIZATIONS}
 
 
 def quantize_weight(weight: torch.Tensor, ggml_type: GGMLQuantizationType) -> Segment:
@@ -55,8 +52,7 @@ def quantize_weight(weight: torch.Tensor, ggml_type: GGMLQuantizationType) -> Se
         ggml_type = GGMLQuantizationType.Q8_0
     if w.shape[1] % 32:
         raise ValueError(f"a weight with rows of {w.shape[1]} cannot be stored in GGUF blocks of 32")
-    data = kquants.quantize(w, ggml_type) if ggml_type in kquants.BYTES else quantize(w, ggml_type)
-    return torch.from_numpy(np.ascontiguousarray(data)), int(ggml_type)
+    return torch.from_numpy(np.ascontiguousarray(kquants.quantize(w, ggml_type))), int(ggml_type)
 
 
 class GGUFBlocks:

@@ -1,5 +1,6 @@
-"""Float weights written as GGUF K-quant blocks (Q4_K, Q5_K, Q6_K), in ggml's layout: what
-kernels/gguf_matmul.cpp multiplies and gguf's `dequantize` reads back.
+"""Float weights written as GGUF blocks, in ggml's layout: what kernels/gguf_matmul.cpp multiplies and
+gguf's `dequantize` reads back. The K-quants (Q4_K, Q5_K, Q6_K) are written here, gguf's `quantize`
+writes the others.
 
 The scales are chosen from each block's range (no search for the error-minimising scale, as llama.cpp's
 quantiser does with an importance matrix), so a weight's error is at most half a step of its block."""
@@ -7,15 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize as gguf_quantize
 
 SUPER = 256  # weights per super-block: eight blocks of 32 (Q4_K, Q5_K) or sixteen of 16 (Q6_K)
 BYTES = {Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210}
 
 
 def quantize(w: np.ndarray, qtype: Q) -> np.ndarray:
-    """w float [rows, cols] (cols a multiple of 256) → uint8 [rows, cols / 256 * block bytes]."""
+    """w float [rows, cols] → uint8 [rows, row bytes] in any block type gguf reads (a K-quant's cols a
+    multiple of 256)."""
     if qtype not in BYTES:
-        raise ValueError(f"not a K-quant type: {qtype!r}")
+        return gguf_quantize(w, qtype)
     rows, cols = w.shape
     if cols % SUPER:
         raise ValueError(f"{qtype.name} needs rows of a multiple of {SUPER} weights, got {cols}")
