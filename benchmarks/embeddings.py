@@ -30,6 +30,8 @@ import time
 
 import httpx
 
+from radixserve.bench.procs import child_pids, cpu_seconds
+
 _WORDS = ("serving engines batch many requests into one forward pass so that the hardware stays busy while "
           "each client still sees a short latency an embedding model turns a sentence into a vector whose "
           "direction captures its meaning similar sentences point the same way search engines compare "
@@ -40,26 +42,6 @@ def make_texts(n: int, tokens: int, seed: int = 0) -> list[str]:
     """n distinct texts of about `tokens` tokens each (plain English words, ~1 token per word)."""
     rng = random.Random(seed)
     return [f"{i}: " + " ".join(rng.choice(_WORDS) for _ in range(tokens - 4)) for i in range(n)]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def child_pids(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(entry))
-            except OSError:
-                continue
-    return kids
 
 
 def free_port() -> int:

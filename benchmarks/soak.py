@@ -22,14 +22,12 @@ values, empty messages, a missing model, ...). Every outcome is one of
     error         anything else: other 5xx, a 4xx for a well-formed request, a malformed body, a request
                   over --request-timeout, a connection error, a stream without `data: [DONE]`
 
-Every --interval seconds one line: requests by outcome, end-to-end latency p50/p99 of the ok requests,
-the server's process-tree memory (PSS summed over the pid and all its descendants, RSS where
-smaps_rollup is unreadable; only when the pid is known: --pid, or the server started here) and the KV
-pool of /get_server_info.
+Every --interval seconds one line: requests by outcome, latency p50/p99 of the ok requests, the server's
+process-tree memory (PSS of the pid and its descendants, RSS where smaps_rollup is unreadable; when the
+pid is known: --pid, or the server started here) and the KV pool of /get_server_info.
 
-At the end the load stops (requests in flight are abandoned: disconnects, which the server must clean up
-too), the server must become idle, /flush_cache is called, and the checks decide the exit code (0: all
-pass, 1 otherwise):
+At the end the load stops (requests in flight are abandoned: disconnects the server must clean up), the
+server must become idle, /flush_cache is called, and the checks decide the exit code (0: all pass):
 
     errors == 0         no request classed `error`
     KV all free         kv_free == kv_total after the flush
@@ -38,11 +36,10 @@ pass, 1 otherwise):
                         caches and allocator arenas filling up); growth only, a drop is no leak
     p99 drift <= 10 %   p99 latency of the ok requests over the same two windows; growth only
 
-The KV pool is allocated untouched and its slots are handed out in turn, so the server's memory also rises
-until every slot has been written once (~23 KB a token for the default model): size the pool to fill
-within the warm-up (e.g. --radixserve-args --max-total-tokens 16384), or the memory check sees that
-rather than a leak. The run must cover at least 6 intervals. Everything (args, samples, summary, checks,
-up to 20 sample errors) goes to --out as JSON.
+The KV pool is allocated untouched, so memory also rises until each slot in use has been written once
+(~23 KB a token, default model): size the pool to fill within the warm-up (--radixserve-args
+--max-total-tokens 16384), or the memory check sees that rather than a leak. The run must cover at least
+6 intervals. Args, samples, summary, checks and up to 20 sample errors go to --out as JSON.
 """
 from __future__ import annotations
 
@@ -56,7 +53,7 @@ import random
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
@@ -65,6 +62,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from serving_matrix import Server  # noqa: E402
 
 from radixserve.bench.client import consume_sse, make_prompts  # noqa: E402
+from radixserve.bench.procs import tree_memory_mib  # noqa: E402
 from radixserve.bench.stats import percentiles  # noqa: E402
 
 CLASSES = ("ok", "expected_4xx", "503", "cut", "error")
@@ -108,48 +106,6 @@ def error_shape(content: bytes) -> str | None:
     if body.get("object") == "error" and isinstance(body.get("message"), str):
         return "flat"
     return None
-
-
-# ---- the server's memory: the main process and every descendant (engine, detokenizer, ...)
-def process_tree(pid: int) -> list[int]:
-    children = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:  # gone meanwhile
-            continue
-        children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry))  # comm may hold spaces/parens
-    tree = [pid]
-    for p in tree:  # grows while walked: breadth first
-        tree.extend(children.get(p, ()))
-    return tree
-
-
-def _kib(path: str, key: str) -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def tree_memory_mib(pid: int) -> tuple[float | None, str]:
-    """PSS (shared pages split among their users, so the tree's sum counts them once) or RSS as fallback."""
-    if not os.path.exists(f"/proc/{pid}"):
-        return None, "gone"
-    total, source = 0, "pss"
-    for p in process_tree(pid):
-        kib = _kib(f"/proc/{p}/smaps_rollup", "Pss:")
-        if kib is None:
-            kib, source = _kib(f"/proc/{p}/status", "VmRSS:"), "rss"
-        total += kib or 0
-    return total / 1024, source
 
 
 @dataclass
